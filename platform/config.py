@@ -1,0 +1,256 @@
+"""The typed job configuration, checked before any Ray worker starts.
+
+Hydra composes plain YAML from `configs/`; `JobConfig.from_dict` turns the resolved tree into these
+dataclasses and rejects unknown keys, wrong types and out-of-range values with a `ConfigError` that
+names the full key and what it accepts. The YAML files document each key; these classes type them.
+"""
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+
+from sparta.platform.lm import LMConfig
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
+LR_SCHEDULES = ("warmup_cosine", "warmup_constant")
+CLUSTERS = ("local", "ray")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message starts with the full key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str
+    seq_len: int
+    val_fraction: float
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    num_workers: int | None
+    use_gpu: bool | None
+    cpus_per_worker: int
+    max_steps: int
+    log_every: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    keep_checkpoints: int
+    max_failures: int
+    seed: int
+    inject_failure_at_step: int | None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+
+
+@dataclass(frozen=True)
+class LRScheduleConfig:
+    name: str
+    warmup_steps: int
+    min_lr_ratio: float
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int
+    precision: str
+    gradient_clipping: float
+    gradient_accumulation_steps: int
+    micro_batch_size: int
+    optimizer: OptimizerConfig
+    lr_schedule: LRScheduleConfig
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    address: str | None
+    root: str
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None
+    experiment: str
+
+
+# model.* are the architecture fields of LMConfig; the vocabulary size comes from the tokenizer.
+MODEL_KEYS = tuple(f.name for f in fields(LMConfig) if f.name != "vocab_size")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    run_name: str | None
+    model: dict
+    data: DataConfig
+    trainer: TrainerConfig
+    deepspeed: DeepSpeedConfig
+    cluster: ClusterConfig
+    tracking: TrackingConfig
+
+    @classmethod
+    def from_dict(cls, tree: dict) -> "JobConfig":
+        job = _build(cls, tree, "")
+        _check_model(job.model)
+        _check_ranges(job)
+        return job
+
+    def lm_config(self, vocab_size: int) -> LMConfig:
+        return LMConfig(vocab_size=vocab_size, **self.model)
+
+
+def _build(cls, tree, path: str):
+    """Construct dataclass `cls` from a dict, checking keys and types recursively."""
+    where = path or "the top level"
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping with keys {_names(cls)}, got {tree!r}")
+    allowed = [f.name for f in fields(cls)]
+    for key in tree:
+        if key not in allowed:
+            raise ConfigError(f"{_join(path, key)}: unknown key; allowed keys under {where}: {', '.join(allowed)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name in allowed:
+        if name not in tree:
+            raise ConfigError(f"{_join(path, name)}: missing (expected {_describe(hints[name])})")
+        values[name] = _convert(hints[name], tree[name], _join(path, name))
+    return cls(**values)
+
+
+def _convert(kind, value, key: str):
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [k for k in options if k is not type(None)]
+        try:
+            return _convert(inner, value, key)
+        except ConfigError:
+            raise ConfigError(f"{key}={value!r}: expected {_describe(kind)}") from None
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}={value!r}: expected a list of {len(items)} numbers")
+        return tuple(_convert(k, v, f"{key}[{i}]") for i, (k, v) in enumerate(zip(items, value)))
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
+    # bool is an int in Python: reject it where a number is expected, and numbers where a bool is.
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[kind]
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {_describe(kind)}")
+    return float(value) if kind is float else value
+
+
+def _check_model(model: dict) -> None:
+    for key in model:
+        if key not in MODEL_KEYS:
+            hint = " (it is set by the tokenizer)" if key == "vocab_size" else ""
+            raise ConfigError(f"model.{key}: unknown key{hint}; allowed keys under model: {', '.join(MODEL_KEYS)}")
+    hints = typing.get_type_hints(LMConfig)
+    for key in MODEL_KEYS:
+        if key not in model:
+            raise ConfigError(f"model.{key}: missing (expected {_describe(hints[key])})")
+        model[key] = _convert(hints[key], model[key], f"model.{key}")
+
+
+def _check_ranges(job: JobConfig) -> None:
+    m, d, t, ds = job.model, job.data, job.trainer, job.deepspeed
+    checks = [
+        *[(m[k] > 0, f"model.{k}", "> 0", m[k]) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")],
+        (m["d_model"] % m["n_heads"] == 0 and (m["d_model"] // m["n_heads"]) % 2 == 0, "model.n_heads",
+         f"a divisor of model.d_model={m['d_model']} leaving an even head dim", m["n_heads"]),
+        (m["n_heads"] % m["n_kv_heads"] == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m['n_heads']}", m["n_kv_heads"]),
+        (0 < d.seq_len <= m["max_seq_len"], "data.seq_len", f"in 1..model.max_seq_len={m['max_seq_len']}", d.seq_len),
+        (0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction),
+        (t.num_workers is None or t.num_workers >= 1, "trainer.num_workers", ">= 1 or null (one per GPU, else 2)", t.num_workers),
+        (t.cpus_per_worker >= 1, "trainer.cpus_per_worker", ">= 1", t.cpus_per_worker),
+        *[(getattr(t, k) >= 1, f"trainer.{k}", ">= 1", getattr(t, k))
+          for k in ("max_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")],
+        (t.max_failures >= -1, "trainer.max_failures", ">= 0, or -1 for unlimited", t.max_failures),
+        (t.inject_failure_at_step is None or 1 <= t.inject_failure_at_step <= t.max_steps,
+         "trainer.inject_failure_at_step", f"null or in 1..trainer.max_steps={t.max_steps}", t.inject_failure_at_step),
+        (ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "one of 0, 1, 2, 3", ds.zero_stage),
+        (ds.precision in PRECISIONS, "deepspeed.precision", f"one of {', '.join(PRECISIONS)}", ds.precision),
+        (ds.gradient_clipping >= 0, "deepspeed.gradient_clipping", ">= 0 (0 disables clipping)", ds.gradient_clipping),
+        (ds.gradient_accumulation_steps >= 1, "deepspeed.gradient_accumulation_steps", ">= 1", ds.gradient_accumulation_steps),
+        (ds.micro_batch_size >= 1, "deepspeed.micro_batch_size", ">= 1", ds.micro_batch_size),
+        (ds.optimizer.name in OPTIMIZERS, "deepspeed.optimizer.name", f"one of {', '.join(OPTIMIZERS)}", ds.optimizer.name),
+        (ds.optimizer.lr > 0, "deepspeed.optimizer.lr", "> 0", ds.optimizer.lr),
+        (all(0 <= b < 1 for b in ds.optimizer.betas), "deepspeed.optimizer.betas", "two numbers in [0, 1)", list(ds.optimizer.betas)),
+        (ds.optimizer.eps > 0, "deepspeed.optimizer.eps", "> 0", ds.optimizer.eps),
+        (ds.optimizer.weight_decay >= 0, "deepspeed.optimizer.weight_decay", ">= 0", ds.optimizer.weight_decay),
+        (ds.lr_schedule.name in LR_SCHEDULES, "deepspeed.lr_schedule.name", f"one of {', '.join(LR_SCHEDULES)}", ds.lr_schedule.name),
+        (0 <= ds.lr_schedule.warmup_steps <= t.max_steps, "deepspeed.lr_schedule.warmup_steps",
+         f"in 0..trainer.max_steps={t.max_steps}", ds.lr_schedule.warmup_steps),
+        (0 <= ds.lr_schedule.min_lr_ratio <= 1, "deepspeed.lr_schedule.min_lr_ratio", "in [0, 1]", ds.lr_schedule.min_lr_ratio),
+        (job.cluster.name in CLUSTERS, "cluster.name", f"one of {', '.join(CLUSTERS)}", job.cluster.name),
+        (bool(job.tracking.experiment), "tracking.experiment", "a non-empty name", job.tracking.experiment),
+    ]
+    for ok, key, expected, got in checks:
+        if not ok:
+            raise ConfigError(f"{key}={got!r}: expected {expected}")
+
+
+def deepspeed_config(ds: DeepSpeedConfig, max_steps: int, use_gpu: bool) -> dict:
+    """The dict given to `deepspeed.initialize`: our documented keys mapped onto DeepSpeed's."""
+    precision = ds.precision if ds.precision != "auto" else ("bf16" if use_gpu else "fp32")
+    if precision != "fp32" and not use_gpu:
+        raise ConfigError(f"deepspeed.precision={ds.precision!r}: CPU workers train in fp32; use auto or fp32")
+    opt, sched = ds.optimizer, ds.lr_schedule
+    if sched.name == "warmup_cosine":
+        scheduler = {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": max_steps, "warmup_num_steps": sched.warmup_steps, "warmup_type": "linear",
+            "warmup_min_ratio": 0.0, "cos_min_ratio": sched.min_lr_ratio}}
+    else:
+        scheduler = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": opt.lr, "warmup_num_steps": sched.warmup_steps,
+            "warmup_type": "linear"}}
+    return {
+        "train_micro_batch_size_per_gpu": ds.micro_batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # torch_adam: use torch's Adam(W) instead of compiling DeepSpeed's fused CUDA/CPU op.
+        "optimizer": {"type": OPTIMIZERS[opt.name], "params": {
+            "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+            "torch_adam": True}},
+        "scheduler": scheduler,
+        "steps_per_print": 2**31 - 1,  # sparta prints its own progress
+    }
+
+
+def _join(path: str, key) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _names(cls) -> str:
+    return ", ".join(f.name for f in fields(cls))
+
+
+def _describe(kind) -> str:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(k) for k in typing.get_args(kind))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            type(None): "null", dict: "a mapping"}.get(kind, getattr(kind, "__name__", str(kind)))

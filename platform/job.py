@@ -1,0 +1,130 @@
+"""The driver of a training job: plan the workers, connect to Ray, open the MLflow run, run the
+Ray Train `TorchTrainer`, print where everything went.
+
+Everything that can be wrong with the request (config values, worker counts against the machine or
+the cluster) is checked here before a single worker starts.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
+from sparta.platform.tracking import Tracker, default_tracking_uri
+from sparta.platform.worker import WorkerArgs, train_worker
+
+
+@dataclass(frozen=True)
+class JobResult:
+    run_name: str
+    steps: int
+    val_loss: float | None
+    checkpoint: str | None
+    tracking_uri: str
+    mlflow_run_id: str | None
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    num_workers: int
+    use_gpu: bool
+
+
+def plan_workers(job: JobConfig, resources: dict) -> WorkerPlan:
+    """Resolve `trainer.num_workers` / `trainer.use_gpu` against what the cluster offers (Ray's resource dict)."""
+    trainer = job.trainer
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+    use_gpu = gpus > 0 if trainer.use_gpu is None else trainer.use_gpu
+    if use_gpu and gpus == 0:
+        raise ConfigError("trainer.use_gpu=True: expected GPUs, but the Ray cluster has none")
+    num_workers = trainer.num_workers or (gpus if use_gpu else 2)
+    if use_gpu and num_workers > gpus:
+        raise ConfigError(f"trainer.num_workers={num_workers}: expected at most {gpus}, one worker per GPU")
+    if num_workers * trainer.cpus_per_worker > cpus:
+        raise ConfigError(
+            f"trainer.num_workers={num_workers}: {num_workers} workers x trainer.cpus_per_worker="
+            f"{trainer.cpus_per_worker} need {num_workers * trainer.cpus_per_worker} CPUs, the cluster has {cpus}; "
+            f"expected trainer.num_workers <= {cpus // trainer.cpus_per_worker}")
+    deepspeed_config(job.deepspeed, trainer.max_steps, use_gpu)  # raises on a precision the workers can't run
+    return WorkerPlan(num_workers, use_gpu)
+
+
+def joins_cluster(job: JobConfig) -> bool:
+    return job.cluster.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+
+
+def connect_ray(job: JobConfig) -> WorkerPlan:
+    """Join the configured cluster, or start a Ray instance sized to this machine; plan the workers
+    against its resources, before any worker starts (and, locally, before Ray starts)."""
+    import ray
+    import torch
+
+    if joins_cluster(job):
+        ray.init(address=job.cluster.address)  # None: $RAY_ADDRESS
+        return plan_workers(job, ray.cluster_resources())
+    machine = {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}
+    plan = plan_workers(job, machine)
+    ray.init(address="local", num_cpus=machine["CPU"], num_gpus=machine["GPU"])
+    return plan
+
+
+def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str) -> JobResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root = Path(job.cluster.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    run_name = job.run_name or default_run_name
+
+    plan = connect_ray(job)
+    tracker = Tracker(default_tracking_uri(job.tracking.uri, root))
+    resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
+    if not resumed:
+        tracker.log_params(params)
+        tracker.log_text(resolved_yaml, "config.yaml")
+    print(f"[sparta] run {run_name}: {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} workers, "
+          f"ZeRO-{job.deepspeed.zero_stage}, {job.trainer.max_steps} steps", flush=True)
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=WorkerArgs(job, plan.use_gpu, tracker.uri, tracker.run_id if tracker.enabled else None,
+                                     str(root / "ray" / run_name)),
+        scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
+                                     resources_per_worker={"CPU": job.trainer.cpus_per_worker,
+                                                           **({"GPU": 1} if plan.use_gpu else {})}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(root / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.trainer.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=job.trainer.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        tracker.end_run("FAILED")
+        raise
+    finally:
+        ray.shutdown()
+    tracker.log_loss_curve()
+    tracker.end_run("FINISHED")
+
+    metrics = result.metrics or {}
+    outcome = JobResult(run_name, metrics.get("step", 0), metrics.get("val/loss"),
+                        result.checkpoint.path if result.checkpoint else None, tracker.uri,
+                        tracker.run_id if tracker.enabled else None)
+    print_summary(outcome, job.tracking.experiment)
+    return outcome
+
+
+def print_summary(result: JobResult, experiment: str) -> None:
+    val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+    print(f"[sparta] run {result.run_name} finished at step {result.steps}{val}", flush=True)
+    print(f"[sparta] checkpoint: {result.checkpoint}")
+    if result.mlflow_run_id:
+        print(f"[sparta] MLflow run {result.mlflow_run_id} in experiment '{experiment}' at {result.tracking_uri}")
+        if result.tracking_uri.startswith("sqlite:"):
+            print(f"[sparta] open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
+    else:
+        print("[sparta] MLflow tracking was off for this run (see the message above)")

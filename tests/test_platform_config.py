@@ -1,0 +1,107 @@
+"""Hydra composition and the checks that run before any worker starts."""
+
+import re
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
+from sparta.platform.job import plan_workers
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def compose_tree(*overrides: str) -> dict:
+    with initialize_config_dir(str(CONFIGS), version_base="1.3"):
+        return OmegaConf.to_container(compose("train", overrides=list(overrides)), resolve=True)
+
+
+def compose_job(*overrides: str) -> JobConfig:
+    return JobConfig.from_dict(compose_tree(*overrides))
+
+
+def test_default_and_every_group_option_compose_and_validate():
+    job = compose_job()
+    assert job.deepspeed.zero_stage == 2 and job.cluster.name == "local" and job.model["d_model"] == 128
+    for group in ("model", "data", "trainer", "deepspeed", "cluster", "experiment"):
+        for option in sorted((CONFIGS / group).glob("*.yaml")):
+            compose_job(f"{group}={option.stem}")
+    small_gpu = compose_job("experiment=small_gpu")
+    assert small_gpu.model["d_model"] == 512 and small_gpu.data.seq_len == 512
+
+
+def test_zero_stage_options_set_the_stage():
+    for stage in range(4):
+        assert compose_job(f"deepspeed=zero{stage}").deepspeed.zero_stage == stage
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deepspeed.optimizer.lr=-1", r"deepspeed.optimizer.lr=-1.0: expected > 0"),
+    ("deepspeed.zero_stage=7", r"deepspeed.zero_stage=7: expected one of 0, 1, 2, 3"),
+    ("deepspeed.precision=fp8", r"deepspeed.precision='fp8': expected one of auto, bf16, fp16, fp32"),
+    ("deepspeed.optimizer.name=lion", r"deepspeed.optimizer.name='lion': expected one of adamw, adam"),
+    ("trainer.max_steps=abc", r"trainer.max_steps='abc': expected an integer"),
+    ("trainer.use_gpu=3", r"trainer.use_gpu=3: expected true/false or null"),
+    ("+trainer.lrr=1", r"trainer.lrr: unknown key; allowed keys under trainer: num_workers, .*seed"),
+    ("+model.vocab_size=10", r"model.vocab_size: unknown key \(it is set by the tokenizer\)"),
+    ("model.n_heads=3", r"model.n_heads=3: expected a divisor of model.d_model=128"),
+    ("model.n_kv_heads=3", r"model.n_kv_heads=3: expected a divisor of model.n_heads=4"),
+    ("data.seq_len=512", r"data.seq_len=512: expected in 1..model.max_seq_len=256"),
+    ("trainer.inject_failure_at_step=301", r"trainer.inject_failure_at_step=301: expected null or in 1..trainer.max_steps=300"),
+    ("cluster.name=k8s", r"cluster.name='k8s': expected one of local, ray"),
+    ("deepspeed.optimizer.betas=[0.9]", r"deepspeed.optimizer.betas=\[0.9\]: expected a list of 2 numbers"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_job(override)
+
+
+def test_missing_key_is_named():
+    tree = compose_tree()
+    del tree["trainer"]["seed"]
+    with pytest.raises(ConfigError, match=r"trainer.seed: missing \(expected an integer\)"):
+        JobConfig.from_dict(tree)
+
+
+def test_worker_plan_against_the_machine():
+    job = compose_job()
+    assert plan_workers(job, {"CPU": 2}) .num_workers == 2
+    gpu = plan_workers(job, {"CPU": 64, "GPU": 8})
+    assert gpu.use_gpu and gpu.num_workers == 8
+    with pytest.raises(ConfigError, match=r"trainer.num_workers=4: .* need 4 CPUs, the cluster has 2; expected trainer.num_workers <= 2"):
+        plan_workers(compose_job("trainer.num_workers=4"), {"CPU": 2})
+    with pytest.raises(ConfigError, match=r"trainer.num_workers=3: expected at most 2, one worker per GPU"):
+        plan_workers(compose_job("trainer.num_workers=3"), {"CPU": 16, "GPU": 2})
+    with pytest.raises(ConfigError, match=r"trainer.use_gpu=True: expected GPUs"):
+        plan_workers(compose_job("trainer.use_gpu=true"), {"CPU": 2})
+    with pytest.raises(ConfigError, match=r"deepspeed.precision='bf16': CPU workers train in fp32"):
+        plan_workers(compose_job("deepspeed.precision=bf16"), {"CPU": 2})
+
+
+def test_deepspeed_config_mapping():
+    job = compose_job("deepspeed=zero3", "deepspeed.gradient_accumulation_steps=4")
+    cpu = deepspeed_config(job.deepspeed, 300, use_gpu=False)
+    assert cpu["zero_optimization"] == {"stage": 3}
+    assert cpu["gradient_accumulation_steps"] == 4 and cpu["train_micro_batch_size_per_gpu"] == 8
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
+    assert cpu["optimizer"]["type"] == "AdamW" and cpu["optimizer"]["params"]["torch_adam"]
+    assert cpu["scheduler"]["type"] == "WarmupCosineLR"
+    assert cpu["scheduler"]["params"]["total_num_steps"] == 300
+    assert cpu["scheduler"]["params"]["cos_min_ratio"] == 0.1
+    assert deepspeed_config(job.deepspeed, 300, use_gpu=True)["bf16"]["enabled"]
+    constant = compose_job("deepspeed.lr_schedule.name=warmup_constant").deepspeed
+    assert deepspeed_config(constant, 300, use_gpu=False)["scheduler"]["type"] == "WarmupLR"
+
+
+def test_every_key_in_the_group_files_is_documented():
+    """In the files that define a group's keys (not those that override a base), each key line has a comment."""
+    for path in CONFIGS.rglob("*.yaml"):
+        if "defaults:" in path.read_text() or path.parent.name == "experiment":
+            continue  # overrides of a documented base, described by their header
+        lines = path.read_text().splitlines()
+        for number, line in enumerate(lines):
+            if re.match(r"^\s*[A-Za-z_]+:", line) and not line.lstrip().startswith("defaults"):
+                documented = "#" in line or (number and lines[number - 1].lstrip().startswith("#"))
+                assert documented, f"{path.relative_to(CONFIGS)}:{number + 1}: undocumented key: {line.strip()}"
