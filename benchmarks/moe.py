@@ -1,0 +1,290 @@
+"""MoE layer benchmark: sparta vs a Python loop over experts vs a straightforward torch._grouped_mm layer.
+
+One run on one GPU, bf16, T = 16384 tokens, d_model = 2048:
+- top-k layers E64 top-8 d_ff 1024 and E8 top-2 d_ff 8192 (SwiGLU), forward and forward+backward,
+  for the three implementations (same router, same weights, same tokens);
+- MoE++ (64 FFN + 64 zero-computation experts, tau 0.75) vs the vanilla E64 top-8 layer;
+- BlockFFN (64 SiLU experts, d_ff 1024) at several activation rates: layer time vs measured TLS.
+TFLOP/s count the FFN expert FLOPs actually computed: 2 * rows * d_model * (H + d_ff) per forward
+(H = 2 d_ff for SwiGLU), three times that for forward+backward; rows = routed (token, expert) pairs.
+
+    python benchmarks/moe.py [--out benchmarks/results/moe-<device>.jsonl] [--profile]
+"""
+import argparse
+import datetime
+import json
+import re
+import statistics
+import subprocess
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from sparta.moe import MoE, MoEConfig
+from sparta.moe.dispatch import build_plan, run_local
+
+DEVICE = "cuda"
+TOKENS, D_MODEL = 16384, 2048
+TOPK_CASES = [(64, 8, 1024), (8, 2, 8192)]  # (experts, top_k, d_ff)
+
+
+def topk_route(x, router_weight, top_k):
+    probs = F.linear(x.float(), router_weight.float()).softmax(-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    return weights / weights.sum(-1, keepdim=True), experts
+
+
+def loop_layer(x, router_weight, w_in, w_out, top_k):
+    """The Mixtral/HF way: one masked gather, two matmuls and an index_add per expert."""
+    weights, experts = topk_route(x, router_weight, top_k)
+    out = torch.zeros_like(x)
+    for e in range(w_in.shape[0]):
+        token, slot = torch.where(experts == e)
+        gate, up = (x[token] @ w_in[e].t()).chunk(2, dim=-1)
+        expert_out = (F.silu(gate) * up) @ w_out[e].t()
+        out = out.index_add(0, token, expert_out * weights[token, slot, None].to(x.dtype))
+    return out
+
+
+def grouped_mm_layer(x, router_weight, w_in, w_out, top_k):
+    """Sort by expert, two torch._grouped_mm, SwiGLU in torch ops, weighted index_add back."""
+    weights, experts = topk_route(x, router_weight, top_k)
+    order = experts.flatten().argsort(stable=True)
+    token = order // top_k
+    offs = torch.bincount(experts.flatten(), minlength=w_in.shape[0]).cumsum(0).to(torch.int32)
+    gate, up = torch._grouped_mm(x[token], w_in.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    expert_out = torch._grouped_mm(F.silu(gate) * up, w_out.transpose(1, 2), offs=offs)
+    expert_out = expert_out * weights.flatten()[order, None].to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, expert_out)
+
+
+def median_ms(fn, rep_ms):
+    return triton.testing.do_bench(fn, warmup=max(25, rep_ms // 4), rep=rep_ms, return_mode="median")
+
+
+def timed_passes(forward, inputs, rep_ms):
+    """(fwd ms, fwd+bwd ms) of `forward() -> (output, *scalar losses)`; the backward goes through
+    torch.autograd.grad, so no .grad accumulates between repetitions."""
+    outputs = forward()
+    grad_outputs = [torch.randn_like(outputs[0])] + [torch.ones_like(loss) for loss in outputs[1:]]
+
+    def fwd():
+        with torch.no_grad():
+            forward()
+
+    def fwd_bwd():
+        torch.autograd.grad(forward(), inputs, grad_outputs, allow_unused=True)
+
+    return median_ms(fwd, rep_ms), median_ms(fwd_bwd, rep_ms)
+
+
+def ffn_tflops(rows, d_ff, ms, backward):
+    flops = 2 * rows * D_MODEL * 3 * d_ff * (3 if backward else 1)  # SwiGLU: 2*d_ff in, d_ff out
+    return flops / ms / 1e9
+
+
+class Recorder:
+    def __init__(self, out_path):
+        self.out_path = out_path
+        self.common = {
+            "bench": "moe",
+            "device": torch.cuda.get_device_name(),
+            "commit": _commit(),
+            "date": datetime.date.today().isoformat(),
+        }
+
+    def record(self, case, impl, pass_, ms, tflops, **extra):
+        line = {**self.common, "case": case, "impl": impl, "pass": pass_, "ms": round(ms, 4),
+                "tflops": round(tflops, 1), **extra}
+        print(f"{case:46s} {impl:10s} {pass_:8s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s "
+              + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
+        with open(self.out_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def _commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip() or "uncommitted"
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "uncommitted"
+
+
+def make_layer(config):
+    layer = MoE(D_MODEL, config).to(DEVICE)
+    layer.experts.bfloat16()  # the router (and MoE++'s tiny zero-computation experts) stay fp32
+    return layer
+
+
+def layer_loss_pair(layer, x, **kwargs):
+    """(output, aux loss) of a sparta layer: what a training step backpropagates through."""
+    y, aux = layer(x, **kwargs)
+    return y, aux.loss
+
+
+def bench_topk_case(rec, experts, top_k, d_ff, profile):
+    """Returns sparta's (fwd ms, fwd+bwd ms)."""
+    case = f"E{experts}-top{top_k}-f{d_ff}-d{D_MODEL}-T{TOKENS}"
+    layer = make_layer(MoEConfig(router="topk", num_experts=experts, top_k=top_k, d_ff=d_ff))
+    x = torch.randn(1, TOKENS, D_MODEL, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    w_in, w_out, router_weight = layer.experts.w_in, layer.experts.w_out, layer.router.weight
+    impls = {
+        "sparta": lambda: layer_loss_pair(layer, x),
+        "grouped_mm": lambda: (grouped_mm_layer(x[0], router_weight, w_in, w_out, top_k),),
+        "loop": lambda: (loop_layer(x[0], router_weight, w_in, w_out, top_k),),
+    }
+    with torch.no_grad():
+        ref = grouped_mm_layer(x[0], router_weight, w_in, w_out, top_k).float()
+        err = ((layer(x)[0][0].float() - ref).norm() / ref.norm()).item()
+    print(f"{case}: sparta vs grouped_mm relative error {err:.2e}", flush=True)
+    rows = TOKENS * top_k
+    results = {impl: timed_passes(forward, [x, w_in, w_out, router_weight], rep_ms=300 if impl == "loop" else 500)
+               for impl, forward in impls.items()}
+    for impl, times in results.items():
+        for index, pass_ in enumerate(("fwd", "fwd+bwd")):
+            ms = times[index]
+            extra = {"tokens": TOKENS, "num_experts": experts, "top_k": top_k, "d_ff": d_ff, "ffn_rows": rows}
+            if impl == "sparta":
+                extra["speedup_vs_grouped_mm"] = round(results["grouped_mm"][index] / ms, 3)
+                extra["speedup_vs_loop"] = round(results["loop"][index] / ms, 3)
+                extra["rel_err_vs_grouped_mm"] = float(f"{err:.2e}")
+            rec.record(case, impl, pass_, ms, ffn_tflops(rows, d_ff, ms, pass_ == "fwd+bwd"), **extra)
+    if profile:
+        _keep_going(profile_layer, layer, x)
+    return results["sparta"]
+
+
+def bench_topk(rec, profile):
+    vanilla_ms = {}
+    for experts, top_k, d_ff in TOPK_CASES:
+        vanilla_ms[(experts, top_k, d_ff)] = bench_topk_case(rec, experts, top_k, d_ff, profile and experts == 64)
+        torch.cuda.empty_cache()
+    return vanilla_ms
+
+
+def expert_part(layer, tokens, routing):
+    """FFN + zero-computation experts (dispatch included) for a fixed routing: what the MoE++ paper
+    calls expert throughput."""
+    plan = build_plan(routing.slot_expert, routing.slot_weight, layer.config.num_experts)
+    y = run_local(tokens, plan, layer.experts)
+    if layer.zero_computation is not None:
+        y = y + layer.zero_computation(tokens, routing.slot_expert, routing.slot_weight)
+    return (y,)
+
+
+def bench_moepp(rec, vanilla_ms, profile):
+    """MoE++ (64 FFN + 64 zero-computation experts, tau 0.75) vs the vanilla E64 top-8 layer, as a
+    whole layer and for the expert part alone (fixed routing)."""
+    experts, top_k, d_ff = TOPK_CASES[0]
+    cfg = MoEConfig(router="moepp", num_experts=experts, top_k=top_k, d_ff=d_ff, tau=0.75,
+                    num_zero_experts=experts // 4, num_copy_experts=experts // 4, num_constant_experts=experts // 2)
+    layer = make_layer(cfg)
+    vanilla = make_layer(MoEConfig(router="topk", num_experts=experts, top_k=top_k, d_ff=d_ff))
+    x = torch.randn(1, TOKENS, D_MODEL, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    prev_logits = torch.randn(1, TOKENS, cfg.total_experts, device=DEVICE)
+    with torch.no_grad():
+        _, aux = layer(x, prev_router_logits=prev_logits)
+        routing = layer.router(x[0], (1, TOKENS), prev_logits)
+        vanilla_routing = vanilla.router(x[0], (1, TOKENS))
+    per_token = aux.stats["ffn_experts_per_token"].item()
+    rows = round(per_token * TOKENS)
+    layer_ms = timed_passes(lambda: layer_loss_pair(layer, x, prev_router_logits=prev_logits),
+                            [x] + list(layer.parameters()), rep_ms=500)
+    experts_ms = timed_passes(lambda: expert_part(layer, x[0], routing), [x] + list(layer.parameters()), rep_ms=500)
+    vanilla_experts_ms = timed_passes(lambda: expert_part(vanilla, x[0], vanilla_routing),
+                                      [x] + list(vanilla.parameters()), rep_ms=500)
+    case = f"moepp-E{experts}+{cfg.num_zero_computation_experts}zc-top{top_k}-f{d_ff}-d{D_MODEL}-T{TOKENS}-tau0.75"
+    topk_case = f"E{experts}-top{top_k}-f{d_ff}-d{D_MODEL}-T{TOKENS}"
+    routed = {"ffn_experts_per_token": round(per_token, 3),
+              **{f"{kind}_fraction": round(aux.stats[f"{kind}_fraction"].item(), 3)
+                 for kind in ("zero", "copy", "constant")}}
+    for index, pass_ in enumerate(("fwd", "fwd+bwd")):
+        backward = pass_ == "fwd+bwd"
+        rec.record(case, "sparta", pass_, layer_ms[index], ffn_tflops(rows, d_ff, layer_ms[index], backward),
+                   tokens=TOKENS, ffn_rows=rows, part="layer",
+                   speedup_vs_topk=round(vanilla_ms[TOPK_CASES[0]][index] / layer_ms[index], 3), **routed)
+        rec.record(case, "sparta", pass_, experts_ms[index], ffn_tflops(rows, d_ff, experts_ms[index], backward),
+                   tokens=TOKENS, ffn_rows=rows, part="experts",
+                   speedup_vs_topk=round(vanilla_experts_ms[index] / experts_ms[index], 3), **routed)
+        rec.record(topk_case, "sparta", pass_, vanilla_experts_ms[index],
+                   ffn_tflops(TOKENS * top_k, d_ff, vanilla_experts_ms[index], backward),
+                   tokens=TOKENS, ffn_rows=TOKENS * top_k, part="experts")
+    if profile:
+        _keep_going(profile_layer, layer, x, prev_router_logits=prev_logits)
+
+
+def bench_blockffn(rec):
+    """Activation rate set through a bias feature: x[:, -1] = 1 and router column -b, so that
+    P(score > 0) = P(N(0, s^2) > b) is the target rate."""
+    experts, d_ff = 64, 1024
+    layer = MoE(D_MODEL, MoEConfig(router="blockffn", num_experts=experts, d_ff=d_ff, activation="silu")).to(DEVICE)
+    layer.experts.bfloat16()
+    x = torch.randn(1, TOKENS, D_MODEL, device=DEVICE)
+    x[..., -1] = 1.0
+    x = x.bfloat16().requires_grad_()
+    normal = torch.distributions.Normal(0.0, 1.0)
+    spread = layer.router.weight[:, :-1].norm(dim=1).mean().item()
+    times = []
+    for rate in (0.5, 0.25, 0.125, 0.0625):
+        with torch.no_grad():
+            layer.router.weight[:, -1] = -spread * normal.icdf(torch.tensor(1.0 - rate)).item()
+            _, aux = layer(x)
+        tls = aux.stats["tls"].item()
+        rows = round(aux.stats["ffn_experts_per_token"].item() * TOKENS)
+        fwd_ms, fwd_bwd_ms = timed_passes(lambda: layer_loss_pair(layer, x), [x] + list(layer.parameters()),
+                                          rep_ms=400)
+        case = f"blockffn-E{experts}-f{d_ff}-d{D_MODEL}-T{TOKENS}-rate{rate}"
+        for pass_, ms in (("fwd", fwd_ms), ("fwd+bwd", fwd_bwd_ms)):
+            flops_per_row = 2 * D_MODEL * 2 * d_ff * (3 if pass_ == "fwd+bwd" else 1)  # SiLU MLP: in + out
+            rec.record(case, "sparta", pass_, ms, rows * flops_per_row / ms / 1e9, tokens=TOKENS, ffn_rows=rows,
+                       tls=round(tls, 4), cls8=round(aux.stats["cls8"].item(), 4),
+                       cls64=round(aux.stats["cls64"].item(), 4), ms_per_density=round(ms / (1 - tls), 3))
+        times.append(fwd_bwd_ms / (1 - tls))
+    spread_pct = 100 * (max(times) - min(times)) / statistics.mean(times)
+    print(f"BlockFFN fwd+bwd ms / (1 - TLS): {[round(t, 2) for t in times]} (spread {spread_pct:.0f}%)", flush=True)
+
+
+def profile_layer(layer, x, **kwargs):
+    grad_out = torch.randn_like(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            y, aux = layer(x, **kwargs)
+            torch.autograd.grad([y, aux.loss], [x] + list(layer.parameters()), [grad_out, torch.ones_like(aux.loss)],
+                                allow_unused=True)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60),
+          flush=True)
+
+
+def _keep_going(section, *args, **kwargs):
+    """Run one section; a failure is printed and the next section still runs (device time is scarce)."""
+    try:
+        return section(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - report and continue
+        traceback.print_exc()
+        torch.cuda.empty_cache()
+        return None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="print kernel tables of E64 top-8 and MoE++ fwd+bwd")
+    args = parser.parse_args()
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    out = args.out or Path(__file__).parent / "results" / f"moe-{slug}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    rec = Recorder(out)
+    vanilla_ms = _keep_going(bench_topk, rec, args.profile) or {}
+    if TOPK_CASES[0] in vanilla_ms:
+        _keep_going(bench_moepp, rec, vanilla_ms, args.profile)
+    _keep_going(bench_blockffn, rec)
+    print(f"records appended to {out}; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

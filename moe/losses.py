@@ -1,0 +1,80 @@
+"""Auxiliary router losses, unweighted (the routers multiply them by their `MoEConfig` coefficient).
+
+All take fp32 router tensors; `selected` holds expert indices and carries no gradient.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def _selection_counts(selected: torch.Tensor, num_experts: int) -> torch.Tensor:
+    flat = selected.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
+
+
+def switch_load_balance_loss(probs: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Switch/GShard load balance `E * sum_i f_i * P_i`, 1.0 when routing is uniform.
+
+    probs [T, E]: routing distribution per token; selected [T, k]: chosen experts.
+    f_i = share of the T*k selections that went to expert i, P_i = mean routing probability of i.
+    (Fedus et al. 2021, eq. 4; with top-k the selections are counted over all k slots, as in GShard.)
+    """
+    num_experts = probs.shape[-1]
+    fraction = _selection_counts(selected, num_experts) / selected.numel()
+    return num_experts * (fraction * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss `mean_t logsumexp(logits_t)^2` (Zoph et al. 2022, eq. 5)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def heterogeneous_load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, num_ffn_experts: int,
+                                    tau: float) -> torch.Tensor:
+    """MoE++ heterogeneous load balance `sum_i eta_i * f_i * P_i` (Jin et al. 2024, "MoE++",
+    arXiv:2410.07348, sec. 3.3; loss weight beta = 0.01 there).
+
+    f_i = (1/T) * #tokens that select expert i, P_i = (1/T) * sum_t softmax_i(x_t), over the N FFN
+    experts followed by the zero-computation experts; eta_i = 1 for an FFN expert and tau for a
+    zero-computation expert, so tau < 1 lets the router send more tokens to the cheap experts.
+    (The reference repository SkyworkAI/MoE-plus-plus ships the model code only, no training loss.)
+    """
+    num_tokens, num_experts = probs.shape
+    fraction = _selection_counts(selected, num_experts) / num_tokens
+    eta = torch.ones(num_experts, device=probs.device)
+    eta[num_ffn_experts:] = tau
+    return (eta * fraction * probs.mean(0)).sum()
+
+
+def activation_locality_loss(raw_scores: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """BlockFFN activation-locality loss: neighbouring tokens should activate the same experts
+    (Song et al. 2025, arXiv:2507.08771).
+
+    raw_scores [B, S, E]: router scores before the ReLU. With A_t = sigmoid(alpha * s_t), a smooth
+    "expert e is active" indicator, the loss is the binary cross entropy of A_{t-1} predicting
+    A_t, averaged over tokens and experts; both sides carry gradient, as in the reference
+    (thunlp/BlockFFN, pretrain/cpm/dragonfly/activation_context.py, `transfer_regularization`:
+    `binary_cross_entropy_with_logits(left * steep, sigmoid(right * steep))`, steep = 100).
+    """
+    if raw_scores.shape[1] < 2:
+        return raw_scores.sum() * 0.0
+    previous = sharpness * raw_scores[:, :-1]
+    current = torch.sigmoid(sharpness * raw_scores[:, 1:])
+    return F.binary_cross_entropy_with_logits(previous, current)
+
+
+def chunk_sparsity_loss(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """BlockFFN chunk-sparsification loss: the probability that an expert is active in a chunk
+    (Song et al. 2025, arXiv:2507.08771).
+
+    probs [B, S, E]: normalised router scores p_{t,e} (sum to 1 over experts). For every chunk of
+    `chunk_size` consecutive tokens and expert e, P(e used by the chunk) = 1 - prod_t (1 - p_{t,e});
+    the loss is its mean over chunks and experts (thunlp/BlockFFN, activation_context.py,
+    `chunk_regularization`: `1 - mean(exp(sum(log(1 - p + 1e-5))))`). A trailing partial chunk is
+    padded with p = 1e-5, whose factor (1 - p + 1e-5) is exactly 1.
+    """
+    batch, seq, experts = probs.shape
+    pad = -seq % chunk_size
+    if pad:
+        probs = F.pad(probs, (0, 0, 0, pad), value=1e-5)
+    log_unused = torch.log(1.0 - probs + 1e-5).view(batch, -1, chunk_size, experts).sum(dim=2)
+    return 1.0 - torch.exp(log_unused).mean()

@@ -1,0 +1,52 @@
+"""Routing statistics computed on the device at every forward (no host synchronisation).
+
+Token-level sparsity (TLS) is the share of FFN experts a token does not use; chunk-level sparsity
+(CLS) for a chunk of consecutive tokens is the share of FFN experts that no token of the chunk
+uses: the experts a chunk-wise inference kernel (BlockFFN) could skip. Chunks are cut per sequence;
+a trailing partial chunk counts as a chunk.
+"""
+import torch
+
+CLS_CHUNK_SIZES = (2, 4, 8, 16, 32, 64)  # each twice the previous one: CLS is built by halving
+
+
+def experts_used(slot_expert: torch.Tensor, keep: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[T, E] bool: expert e is used by token t through a kept slot (slot experts outside [0, E) ignored)."""
+    use = keep & (slot_expert >= 0) & (slot_expert < num_experts)
+    column = torch.where(use, slot_expert, num_experts)
+    hits = torch.zeros(slot_expert.shape[0], num_experts + 1, device=slot_expert.device)
+    hits.scatter_add_(1, column, torch.ones_like(column, dtype=torch.float32))
+    return hits[:, :num_experts] > 0
+
+
+def chunk_level_sparsity(used: torch.Tensor) -> torch.Tensor:
+    """CLS for every size of CLS_CHUNK_SIZES ([6] fp32) from used [B, S, E] bool."""
+    batch, seq, experts = used.shape
+    pad = -seq % CLS_CHUNK_SIZES[-1]
+    chunk_used = torch.cat([used, used.new_zeros(batch, pad, experts)], dim=1)
+    sparsity = []
+    for size in CLS_CHUNK_SIZES:
+        chunk_used = chunk_used.view(batch, -1, 2, experts).any(dim=2)
+        real_chunks = -(-seq // size)
+        sparsity.append(1.0 - chunk_used[:, :real_chunks].float().mean())
+    return torch.stack(sparsity)
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the per-token routing distribution."""
+    return -torch.special.xlogy(probs, probs).sum(-1).mean()
+
+
+@torch.no_grad()
+def routing_stats(used: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TLS, CLS per chunk size, FFN experts per token and router entropy as 0-dim fp32 tensors.
+
+    used [B, S, E] bool: FFN experts each token was computed by; probs [T, E_router]: routing
+    distribution (MoE++: over FFN and zero-computation experts).
+    """
+    used_share = used.float().mean()
+    stats = {"tls": 1.0 - used_share, "ffn_experts_per_token": used_share * used.shape[-1]}
+    for size, value in zip(CLS_CHUNK_SIZES, chunk_level_sparsity(used)):
+        stats[f"cls{size}"] = value
+    stats["router_entropy"] = router_entropy(probs)
+    return stats
