@@ -1,0 +1,11 @@
+"""Triton kernels and the pure-torch references of the same math.
+
+Kernels know tensors, not models: nothing here imports from `sparta.moe`, `sparta.attention`
+or `sparta.platform`.
+"""
+
+from .attention_reference import block_sparse_attention_reference, layout_block_mask, layout_element_mask
+from .block_layout import KernelLayout, build_kernel_layout
+from .block_sparse_attention import block_sparse_attention
+from .grouped_gemm import grouped_mm
+from .moe_permute import permute, unpermute, weighted_activation
