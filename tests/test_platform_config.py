@@ -1,6 +1,9 @@
 """Hydra composition and the checks that run before any worker starts."""
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,29 @@ def test_every_key_in_the_group_files_is_documented():
             if re.match(r"^\s*[A-Za-z_]+:", line) and not line.lstrip().startswith("defaults"):
                 documented = "#" in line or (number and lines[number - 1].lstrip().startswith("#"))
                 assert documented, f"{path.relative_to(CONFIGS)}:{number + 1}: undocumented key: {line.strip()}"
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(CONFIGS.parent / "launch" / "train.py"), *args],
+                          cwd=CONFIGS.parent, capture_output=True, text=True, timeout=300)
+
+
+def test_cfg_job_prints_the_resolved_config():
+    proc = launch("--cfg", "job", "--resolve", "experiment=smoke", "deepspeed=zero1")
+    assert proc.returncode == 0, proc.stderr
+    printed = OmegaConf.create(proc.stdout)
+    assert printed.deepspeed.zero_stage == 1 and printed.trainer.max_steps == 30
+    assert printed.cluster.root == os.environ.get("SPARTA_ROOT", "runs")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.lrr=1", "Could not override 'trainer.lrr'"),  # Hydra refuses keys absent from the config
+    ("deepspeed.optimizer.lr=-1", "config error: deepspeed.optimizer.lr=-1.0: expected > 0"),
+    ("deepspeed.zero_stage=7", "config error: deepspeed.zero_stage=7: expected one of 0, 1, 2, 3"),
+    (f"trainer.num_workers={os.cpu_count() + 1}", f"config error: trainer.num_workers={os.cpu_count() + 1}: "),
+])
+def test_bad_config_fails_before_ray_starts(override, message, tmp_path):
+    proc = launch(override, f"cluster.root={tmp_path}")
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Ray instance" not in proc.stderr + proc.stdout
