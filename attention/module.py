@@ -1,0 +1,203 @@
+"""SparseAttention: a drop-in attention layer whose pattern comes from a layout provider.
+
+    q, k, v = projections(x), rotary applied          [B, H, N, D]
+    groups  = provider(q, k, layer)                   None = dense, else a list of HeadGroup
+    o       = attend(q, k, v, groups, backend)        one kernel call per head group
+    y       = out_projection(o)
+
+Providers: a `BlockLayout` for all heads, a loaded search `Plan` (per-layer, per-head patterns,
+heads fused by token order), a `SparseDSchedule` (diffusion LMs), a `DynamicBlockSelection`.
+Backends: "triton" (sparta's block-sparse kernel), "reference" (the same math in plain torch from
+the element mask, for checks on small shapes), "dense" (SDPA; ignores the provider).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparta.kernels as K
+from sparta.attention.layout import BlockLayout, HeadGroup, invert_permutation
+from sparta.attention.video import VideoGrid
+
+BACKENDS = ("triton", "reference", "dense")
+LayoutProvider = Callable[[torch.Tensor, torch.Tensor, int], Sequence[HeadGroup] | None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: Sequence[HeadGroup] | None, *,
+           backend: str = "triton", sm_scale: float | None = None) -> torch.Tensor:
+    """Attention of q [B, Hq, N, D] over k, v [B, Hkv, N, D] (Hq % Hkv == 0, GQA), head group by head group.
+
+    `groups=None` (or backend "dense") is dense attention. Otherwise each group is one call, in
+    order; a head's output comes from the LAST group that lists it, heads in no group output zeros.
+    A group of every head (in order) runs on q, k, v as they are, with no copy; a group of some
+    heads gathers them, each query head with its own copy of its key/value head. Tokens go into a
+    layout's token order for the kernel and back.
+    """
+    _check_qkv(q, k, v)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "dense" or groups is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
+    query_heads, group_size = q.shape[1], q.shape[1] // k.shape[1]
+    out = None
+    for group in groups:
+        if max(group.heads) >= query_heads:
+            raise ValueError(f"groups: head {max(group.heads)} out of range for {query_heads} query heads")
+        if group.heads == tuple(range(query_heads)):
+            out = _attend_group(q, k, v, group.layout, backend, sm_scale)
+            continue
+        index = _head_index(group.heads, q.device)
+        group_out = _attend_group(q[:, index], k[:, index // group_size], v[:, index // group_size], group.layout,
+                                  backend, sm_scale)
+        out = (q.new_zeros(q.shape) if out is None else out).index_copy(1, index, group_out)
+    return q.new_zeros(q.shape) if out is None else out
+
+
+@functools.lru_cache(maxsize=256)
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(heads, device=device)
+
+
+def _attend_group(q, k, v, layout: BlockLayout | None, backend: str, sm_scale: float | None) -> torch.Tensor:
+    if layout is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=sm_scale, enable_gqa=q.shape[1] != k.shape[1])
+    if layout.seqlen_q != q.shape[-2] or layout.seqlen_k != k.shape[-2]:
+        raise ValueError(f"layout: built for seqlen_q={layout.seqlen_q}, seqlen_k={layout.seqlen_k}, "
+                         f"got q with {q.shape[-2]} tokens and k with {k.shape[-2]}")
+    if backend == "reference":  # the element mask is already in the model's token order
+        return masked_attention(q, k, v, layout.element_mask(), sm_scale)
+    if layout.order is None:
+        return K.block_sparse_attention(q, k, v, layout.to_kernel(), sm_scale=sm_scale)
+    order = layout.order.permutation(q.device)
+    q, k, v = (x.index_select(2, order) for x in (q, k, v))
+    out = K.block_sparse_attention(q, k, v, layout.to_kernel(), sm_scale=sm_scale)
+    return out.index_select(2, invert_permutation(order))
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, allowed by `mask`) v in fp32, in plain torch; rows with no allowed key
+    output zeros (as the kernel does). Materialises [B, H, N, N]: small shapes only."""
+    group_size = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
+    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    logits = (q.float() @ k.float().transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+    probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)
+    return (probs @ v.float()).to(q.dtype)
+
+
+class SparseAttentionCore(nn.Module):
+    """The attention op alone (no weights): provider -> layout -> backend.
+
+    A separate module so that `search.capture_qkv` can hook exactly the q, k, v it receives.
+    """
+
+    def __init__(self, layout: BlockLayout | LayoutProvider | None = None, *, layer: int = 0,
+                 backend: str = "triton", sm_scale: float | None = None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        if not (layout is None or isinstance(layout, BlockLayout) or callable(layout)):
+            raise ValueError(f"layout: expected a BlockLayout, a layout provider or None, got {type(layout).__name__}")
+        self.layout, self.layer, self.backend, self.sm_scale = layout, layer, backend, sm_scale
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.layout, BlockLayout):
+            groups = [HeadGroup(tuple(range(q.shape[1])), self.layout)]
+        elif self.layout is None or self.backend == "dense":
+            groups = None
+        else:
+            groups = self.layout(q, k, self.layer)
+        return attend(q, k, v, groups, backend=self.backend, sm_scale=self.sm_scale)
+
+
+class SparseAttention(nn.Module):
+    """Multi-head self-attention with q/k/v/out projections, optional rotary embeddings and GQA.
+
+    rotary: None, "1d" (positions 0..N-1) or "3d" (frame, row, column of `grid`; text tokens are not
+    rotated). x is [B, N, dim]; N must equal `grid.tokens` for "3d".
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, rotary: str | None = None,
+                 grid: VideoGrid | None = None, rotary_base: float = 10000.0,
+                 layout: BlockLayout | LayoutProvider | None = None, layer: int = 0, backend: str = "triton",
+                 bias: bool = False):
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads: expected a positive divisor of dim={dim}, got {num_heads}")
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads: expected a positive divisor of num_heads={num_heads}, got {num_kv_heads}")
+        head_dim = dim // num_heads
+        if rotary not in (None, "1d", "3d"):
+            raise ValueError(f"rotary: expected None, '1d' or '3d', got {rotary!r}")
+        if rotary is not None and head_dim % 2:
+            raise ValueError(f"rotary: needs an even head dim, got {head_dim}")
+        if rotary == "3d" and grid is None:
+            raise ValueError("grid: rotary='3d' needs the VideoGrid of the tokens")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rotary, self.grid, self.rotary_base = rotary, grid, rotary_base
+        self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
+        self.core = SparseAttentionCore(layout, layer=layer, backend=backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"x: expected [B, N, dim], got shape {tuple(x.shape)}")
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
+        q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q, k, v))
+        if self.rotary is not None:
+            angles = self._rotary_angles(tokens, x.device)
+            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        out = self.core(q, k, v)
+        return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+    def _rotary_angles(self, tokens: int, device) -> torch.Tensor:
+        if self.rotary == "1d":
+            return rotary_angles_1d(tokens, self.head_dim, self.rotary_base, device)
+        if tokens != self.grid.tokens:
+            raise ValueError(f"x: {tokens} tokens, the grid {self.grid} has {self.grid.tokens}")
+        return rotary_angles_3d(self.grid, self.head_dim, self.rotary_base, device)
+
+
+def rotary_angles_1d(tokens: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """Rotation angles fp32 [tokens, head_dim / 2]: position * base^(-2i / head_dim)."""
+    return torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * _frequencies(head_dim // 2, base, device)
+
+
+def rotary_angles_3d(grid: VideoGrid, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+    """Angles fp32 [grid.tokens, head_dim / 2]: the pairs split between frame, row and column
+    (1/4, 3/8, 3/8 of them, as in video DiTs), each rotated by its own coordinate; text gets 0."""
+    pairs = head_dim // 2
+    row_pairs = column_pairs = 3 * pairs // 8
+    frame_pairs = pairs - row_pairs - column_pairs
+    angles = [coordinate.float()[:, None] * _frequencies(count, base, device)
+              for coordinate, count in zip(grid.coords(device), (frame_pairs, row_pairs, column_pairs))]
+    video = torch.cat(angles, dim=-1)
+    return torch.cat([video.new_zeros(grid.text, pairs), video])
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, N, D] by angles [N, D / 2] (rotate-half layout: pair i is (x_i, x_{i + D/2}))."""
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
+
+
+def _frequencies(count: int, base: float, device) -> torch.Tensor:
+    return base ** (-torch.arange(count, device=device, dtype=torch.float32) / max(count, 1))
+
+
+def _check_qkv(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q, k, v: expected [B, H, N, D] with v shaped like k, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k: shape {tuple(k.shape)} does not fit q {tuple(q.shape)} (same batch and head dim, "
+                         f"query heads a multiple of key heads)")

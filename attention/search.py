@@ -1,0 +1,307 @@
+"""Offline pattern search (Sparse-vDiT) and the plans it writes.
+
+1. Capture: run the model densely on a few calibration inputs (samples x timesteps) inside
+   `capture_qkv(model, search.observe)`; every SparseAttention layer hands its q, k, v over.
+2. Evaluate: for each layer, every candidate pattern runs on all heads at once; the squared error
+   of each head's output against dense attention is summed over the calibration calls.
+3. Choose, per layer and head, the candidate minimising
+
+       MSE(out_sparse, out_dense) / MSE-scale  +  lam * (1 - S)
+
+   where MSE-scale is the mean square of the layer's dense output (so an all-zero head costs
+   nothing to skip) and 1 - S is the candidate's attention time relative to dense cuDNN attention,
+   from `CostModel` (kernel times measured on the device, FLOP model as fallback).
+4. Write a `Plan` (YAML, layer -> head -> pattern + params). A loaded plan is a layout provider:
+   heads that share a token order run as ONE kernel call with per-head masks (head fusion); skipped
+   heads cost nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from sparta.attention.layout import BlockLayout, HeadGroup
+from sparta.attention.module import SparseAttentionCore, attend
+from sparta.attention.selection import attention_block_mass
+from sparta.attention.video import Pattern, VideoGrid
+
+COST_TABLE = Path(__file__).with_name("pattern_costs.json")
+
+
+class CostModel:
+    """Attention time of a pattern at a block density, relative to dense cuDNN attention (= 1).
+
+    `table` maps a pattern name to measured (density, relative time) points, interpolated linearly
+    (clamped below the first point, proportional above the last). Patterns not in the table use the
+    FLOP model: relative time = density. `skip` costs 0 (a head without blocks is never computed).
+    """
+
+    def __init__(self, table: dict[str, Sequence[Sequence[float]]] | None = None):
+        self.table = {name: sorted((float(d), float(t)) for d, t in points) for name, points in (table or {}).items()}
+        for name, points in self.table.items():
+            if not points:
+                raise ValueError(f"table: pattern {name!r} has no (density, time) points")
+
+    @classmethod
+    def load(cls, path: str | Path = COST_TABLE) -> CostModel:
+        """The measured table (benchmarks/patterns.py writes it); the FLOP model if there is none."""
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        return cls(json.loads(path.read_text())["relative_time"])
+
+    def relative_cost(self, pattern: str, density: float) -> float:
+        if pattern == "skip":
+            return 0.0
+        points = self.table.get(pattern)
+        if points is None:
+            return density
+        densities, times = zip(*points)
+        if density > densities[-1]:
+            return times[-1] * density / densities[-1]
+        return float(np.interp(density, densities, times))
+
+
+def default_tile(grid: VideoGrid, block: int) -> tuple[int, int, int]:
+    """One frame deep, rows x columns a power-of-two split of `block` with the grid's aspect ratio."""
+    splits = [(2 ** i, block // 2 ** i) for i in range(block.bit_length()) if block % 2 ** i == 0]
+    aspect = grid.height / grid.width
+    rows, columns = min(splits, key=lambda s: (abs(np.log(s[0] / s[1]) - np.log(aspect)), -s[0]))
+    return 1, rows, columns
+
+
+def video_candidates(grid: VideoGrid, *, block: int = 128, tile: Sequence[int] | None = None) -> list[Pattern]:
+    """A default sweep of every static pattern family over a few densities."""
+    frame, row = grid.frame_size, grid.width
+    tile = tuple(tile) if tile is not None else default_tile(grid, block)
+    tile_counts = [-(-size // t) for size, t in zip((grid.frames, grid.height, grid.width), tile)]
+    windows = {tuple(min(w, n) for w, n in zip(window, tile_counts))
+               for window in ((1, 3, 3), (3, 3, 3), (5, 3, 3), (3, 5, 5), (5, 5, 5))}
+    candidates = [Pattern.of("full"), Pattern.of("skip")]
+    candidates += [Pattern.of("diagonal", width=w) for w in sorted({max(1, frame * n // 16) for n in (1, 2, 4, 8, 16)})]
+    candidates += [Pattern.of("multi_diagonal", width=w, frame_radius=1) for w in sorted({row, 2 * row, frame // 4})]
+    candidates += [Pattern.of("temporal", width=w) for w in sorted({row // 2, row, 2 * row})]
+    candidates += [Pattern.of("spatial", frame_radius=r) for r in range(min(3, grid.frames))]
+    candidates += [Pattern.of("tiles", tile=tile, window=w) for w in sorted(windows)]
+    candidates += [Pattern.of("stripe", keys=grid.frame_keys(0))]
+    if grid.text:
+        candidates.append(Pattern.of("stripe", keys=((0, grid.text),)))
+    return candidates
+
+
+@dataclass
+class Plan:
+    """Per-layer, per-head patterns for a video grid; a layout provider once loaded.
+
+    `stats` (optional, from the search): per layer, per head {rel_mse, cost, density} of the choice.
+    """
+
+    grid: VideoGrid
+    block: int
+    layers: dict[int, list[Pattern]]
+    stats: dict[int, list[dict]] = field(default_factory=dict)
+    _groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, layer: int) -> list[HeadGroup]:
+        if layer not in self.layers:
+            raise ValueError(f"layer: the plan has layers {sorted(self.layers)}, not {layer}")
+        if q.shape[1] != len(self.layers[layer]):
+            raise ValueError(f"q: {q.shape[1]} heads, the plan's layer {layer} has {len(self.layers[layer])}")
+        return self.groups(layer, q.device)
+
+    def groups(self, layer: int, device: torch.device | str | None = None) -> list[HeadGroup]:
+        """The layer's head groups (built once per layer and device, see `_build_groups`)."""
+        key = (layer, torch.device(device or "cpu"))
+        if key not in self._groups:
+            self._groups[key] = self._build_groups(self.layers[layer], key[1])
+        return self._groups[key]
+
+    def _build_groups(self, patterns: list[Pattern], device: torch.device) -> list[HeadGroup]:
+        """Head fusion: one kernel call per token order.
+
+        The call in the model's own order covers every head, so it needs no copy: full heads have all
+        blocks, skipped heads and heads of another order none (they cost nothing). Each other token
+        order (3-D tiles) then gathers its heads and its output replaces theirs (see `attend`).
+        """
+        layouts = {p: p.build(self.grid, block=self.block, device=device) for p in set(patterns)}
+        heads_by_order: dict[object, list[int]] = {}
+        for head, pattern in enumerate(patterns):
+            heads_by_order.setdefault(layouts[pattern].order, []).append(head)
+        groups = []
+        if None in heads_by_order:
+            empty = Pattern.of("skip").build(self.grid, block=self.block, device=device)
+            masks = [layouts[p] if layouts[p].order is None else empty for p in patterns]
+            groups.append(HeadGroup(tuple(range(len(patterns))), BlockLayout.concat_heads(masks)))
+        for order, heads in heads_by_order.items():
+            if order is not None:
+                groups.append(HeadGroup(tuple(heads), BlockLayout.concat_heads([layouts[patterns[h]] for h in heads])))
+        return groups
+
+    def save(self, path: str | Path) -> None:
+        layers = {}
+        for layer, patterns in sorted(self.layers.items()):
+            stats = self.stats.get(layer, [{}] * len(patterns))
+            layers[layer] = {head: {**pattern.to_dict(), **stats[head]} for head, pattern in enumerate(patterns)}
+        document = {"grid": {"frames": self.grid.frames, "height": self.grid.height, "width": self.grid.width,
+                             "text": self.grid.text},
+                    "block": self.block, "layers": layers}
+        Path(path).write_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=None))
+
+    @staticmethod
+    def load(path: str | Path) -> Plan:
+        document = yaml.safe_load(Path(path).read_text())
+        for key in ("grid", "block", "layers"):
+            if not isinstance(document, dict) or key not in document:
+                raise ValueError(f"{path}: expected a plan with keys grid, block, layers; '{key}' is missing")
+        layers = {}
+        for layer, heads in document["layers"].items():
+            if not isinstance(heads, dict) or sorted(heads) != list(range(len(heads))):
+                raise ValueError(f"layers: layer {layer} must map heads 0..H-1 to patterns, got {heads!r}")
+            layers[int(layer)] = [Pattern.from_dict(heads[h]) for h in range(len(heads))]
+        return Plan(VideoGrid(**document["grid"]), int(document["block"]), layers)
+
+
+@dataclass
+class _LayerRecord:
+    candidates: list[list[Pattern]]  # per candidate, the pattern of each head
+    layouts: list[BlockLayout | None]  # per candidate, all heads (None: full or skip)
+    density: torch.Tensor  # [candidates, heads] block density
+    cost: torch.Tensor  # [candidates, heads] attention time relative to dense
+    squared_error: torch.Tensor  # fp64 [candidates, heads], summed over calls
+    dense_power: torch.Tensor  # fp64 [], sum of the dense output squared
+
+
+class PatternSearch:
+    """Sparse-vDiT's offline search; feed it with `observe` (or `capture_qkv`), then call `plan()`.
+
+    Besides the static `candidates`, each head gets data-driven stripes: its `stripe_blocks` most
+    attended key blocks (chosen from the first call of each layer).
+    """
+
+    def __init__(self, grid: VideoGrid, candidates: Sequence[Pattern] | None = None, *, block: int = 128,
+                 lam: float = 0.01, cost_model: CostModel | None = None, stripe_blocks: Sequence[int] = (1, 4),
+                 backend: str = "triton"):
+        if backend not in ("triton", "reference"):
+            raise ValueError(f"backend: expected 'triton' or 'reference', got {backend!r}")
+        if lam < 0:
+            raise ValueError(f"lam: expected >= 0, got {lam!r}")
+        self.grid, self.block, self.lam, self.backend = grid, block, lam, backend
+        self.candidates = list(candidates) if candidates is not None else video_candidates(grid, block=block)
+        self.cost_model = cost_model if cost_model is not None else CostModel.load()
+        self.stripe_blocks = tuple(stripe_blocks)
+        self._layers: dict[int, _LayerRecord] = {}
+
+    @torch.no_grad()
+    def observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Score every candidate on one call's q, k, v [B, H, N, D] (dense output as the target)."""
+        if q.shape[-2] != self.grid.tokens:
+            raise ValueError(f"q: {q.shape[-2]} tokens, the grid {self.grid} has {self.grid.tokens}")
+        record = self._layers.get(layer)
+        if record is None:
+            record = self._layers[layer] = self._new_record(q, k)
+        dense = attend(q, k, v, None).double()
+        record.dense_power += dense.square().sum()
+        for index, layout in enumerate(record.layouts):
+            name = record.candidates[index][0].name
+            if name == "full":
+                continue
+            if name == "skip":
+                record.squared_error[index] += dense.square().sum(dim=(0, 2, 3))
+                continue
+            heads = tuple(range(q.shape[1]))
+            out = attend(q, k, v, [HeadGroup(heads, layout)], backend=self.backend).double()
+            record.squared_error[index] += (out - dense).square().sum(dim=(0, 2, 3))
+
+    def plan(self, lam: float | None = None) -> Plan:
+        """Per head, the candidate minimising relative MSE + lam * relative cost (`lam` defaults to the
+        search's; the scores are kept, so trying another lam costs nothing)."""
+        lam = self.lam if lam is None else lam
+        if not self._layers:
+            raise ValueError("observe: no calibration call was observed; run the model inside capture_qkv first")
+        layers, stats = {}, {}
+        for layer, record in sorted(self._layers.items()):
+            heads = record.squared_error.shape[1]
+            rel_mse = (record.squared_error * heads / record.dense_power.clamp(min=1e-30)).cpu()
+            best = (rel_mse + lam * record.cost).argmin(dim=0).tolist()
+            layers[layer] = [record.candidates[best[h]][h] for h in range(heads)]
+            stats[layer] = [{"rel_mse": round(float(rel_mse[best[h], h]), 6),
+                             "cost": round(float(record.cost[best[h], h]), 4),
+                             "density": round(float(record.density[best[h], h]), 4)} for h in range(heads)]
+        return Plan(self.grid, self.block, layers, stats)
+
+    def _new_record(self, q: torch.Tensor, k: torch.Tensor) -> _LayerRecord:
+        heads = q.shape[1]
+        candidates = [[pattern] * heads for pattern in self.candidates]
+        candidates += self._stripe_candidates(q, k)
+        layouts, density = [], []
+        for patterns in candidates:
+            if patterns[0].name in ("full", "skip"):
+                layouts.append(None)
+                density.append(torch.full((heads,), float(patterns[0].name == "full")))
+                continue
+            built = {p: p.build(self.grid, block=self.block, device=q.device) for p in set(patterns)}
+            layouts.append(BlockLayout.concat_heads([built[p] for p in patterns]))
+            density.append(layouts[-1].density().cpu())
+        density = torch.stack(density)
+        cost = torch.tensor([[self.cost_model.relative_cost(patterns[h].name, float(density[c, h])) for h in range(heads)]
+                             for c, patterns in enumerate(candidates)])
+        squared_error = torch.zeros(len(candidates), heads, dtype=torch.float64, device=q.device)
+        return _LayerRecord(candidates, layouts, density, cost, squared_error,
+                            torch.zeros((), dtype=torch.float64, device=q.device))
+
+    def _stripe_candidates(self, q: torch.Tensor, k: torch.Tensor) -> list[list[Pattern]]:
+        """Per head, a stripe over its most attended key blocks (exact attention, summed over queries)."""
+        if not self.stripe_blocks:
+            return []
+        mass = attention_block_mass(q, k, self.block, self.block).sum(dim=(0, 2))  # [H, Kb]
+        ranked = mass.argsort(dim=-1, descending=True).cpu()
+        candidates = []
+        for count in self.stripe_blocks:
+            patterns = []
+            for head_blocks in ranked[:, :count].sort(dim=-1).values.tolist():
+                keys = _merge_ranges([(b * self.block, min((b + 1) * self.block, self.grid.tokens)) for b in head_blocks])
+                patterns.append(Pattern.of("stripe", keys=keys))
+            candidates.append(patterns)
+        return candidates
+
+
+@contextlib.contextmanager
+def capture_qkv(model: nn.Module, observe: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+                ) -> Iterator[None]:
+    """Call `observe(layer, q, k, v)` with what every SparseAttention layer of `model` attends over.
+
+    Run the model densely meanwhile (backend "dense" or no layout): the search compares against the
+    dense output. Layers must have distinct `layer` indices.
+    """
+    cores = [module for module in model.modules() if isinstance(module, SparseAttentionCore)]
+    if not cores:
+        raise ValueError("model: has no SparseAttention layer to capture")
+    layers = [core.layer for core in cores]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"model: SparseAttention layers need distinct `layer` indices, got {layers}")
+    handles = [core.register_forward_pre_hook(lambda core, args: observe(core.layer, *args)) for core in cores]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[list[int]] = []
+    for start, end in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = end
+        else:
+            merged.append([start, end])
+    return tuple((start, end) for start, end in merged)
+
