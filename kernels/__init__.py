@@ -9,3 +9,8 @@ from .block_layout import KernelLayout, build_kernel_layout
 from .block_sparse_attention import block_sparse_attention
 from .grouped_gemm import grouped_mm
 from .moe_permute import permute, unpermute, weighted_activation
+
+__all__ = [
+    "KernelLayout", "build_kernel_layout", "block_sparse_attention", "block_sparse_attention_reference",
+    "layout_block_mask", "layout_element_mask", "grouped_mm", "permute", "unpermute", "weighted_activation",
+]

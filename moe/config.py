@@ -67,7 +67,8 @@ class MoEConfig:
             _positive_int("top_k", self.top_k)
             if self.top_k > self.total_experts:
                 raise ValueError(f"MoEConfig.top_k={self.top_k} must be <= the {self.total_experts} experts a token "
-                                 f"can choose from (num_experts{' + zero-computation experts' if self.router == 'moepp' else ''})")
+                                 f"can choose from (num_experts"
+                                 f"{' + zero-computation experts' if self.router == 'moepp' else ''})")
         if self.capacity_factor is not None:
             if self.router == "blockffn":
                 raise ValueError("MoEConfig.capacity_factor must be None with router='blockffn' "

@@ -86,13 +86,14 @@ class BlockFFNRouter(nn.Module):
     """BlockFFN router: linear -> ReLU -> RMSNorm; expert e is active for a token iff its score > 0.
 
     Song et al. 2025, "BlockFFN: Towards End-Side Acceleration-Friendly Mixture-of-Experts with
-    Chunk-Level Activation Sparsity" (arXiv:2507.08771). Follows thunlp/BlockFFN, pretrain/cpm/dragonfly/blockffn.py (`norm_after_router="rms"`, the
-    setting of every run in pretrain/entrance.sh): raw = W x, router_ori = RMSNorm(ReLU(raw))
-    (unweighted), expert weights = router_ori * g (g: learnable, initialised to 1), and the losses
-    see the normalised distribution p = router_ori / (sum router_ori + 1e-5). Losses (see
-    `losses.py`): activation locality on raw (coefficient 2e-3, sharpness 100 in entrance.sh) and
-    chunk sparsification on p (coefficient 5e-2, chunk 64). The reference's load-balance, entropy and
-    L1 terms are all 0 in those runs and are left out.
+    Chunk-Level Activation Sparsity" (arXiv:2507.08771). Follows thunlp/BlockFFN,
+    pretrain/cpm/dragonfly/blockffn.py (`norm_after_router="rms"`, the setting of every run in
+    pretrain/entrance.sh): raw = W x, router_ori = RMSNorm(ReLU(raw)) (unweighted), expert weights
+    = router_ori * g (g: learnable, initialised to 1), and the losses see the normalised
+    distribution p = router_ori / (sum router_ori + 1e-5). Losses (see `losses.py`): activation
+    locality on raw (coefficient 2e-3, sharpness 100 in entrance.sh) and chunk sparsification on p
+    (coefficient 5e-2, chunk 64). The reference's load-balance, entropy and L1 terms are all 0 in
+    those runs and are left out.
     """
 
     def __init__(self, d_model: int, config: MoEConfig):

@@ -8,16 +8,11 @@ interpreter's bf16 arithmetic is wrong.
 """
 
 import importlib
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from sparta.kernels import (block_sparse_attention, block_sparse_attention_reference,  # noqa: E402
-                            build_kernel_layout)
+from sparta.kernels import block_sparse_attention, block_sparse_attention_reference, build_kernel_layout
 
 attention_module = importlib.import_module("sparta.kernels.block_sparse_attention")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,15 +6,11 @@ interpreter (set before triton is first imported) and must give the same lists.
 
 import importlib
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from sparta.kernels import build_kernel_layout, layout_block_mask  # noqa: E402
+from sparta.kernels import build_kernel_layout, layout_block_mask
 
 layout_module = importlib.import_module("sparta.kernels.block_layout")
 

@@ -5,15 +5,12 @@ ranks, and checks its EP layer (half of the experts, its own tokens) against its
 outputs and input gradients for its tokens, expert-weight gradients for its experts, and the
 replicated parameters' gradients summed over the ranks. Tolerance 1e-5 (fp32).
 """
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from sparta.moe import MoE, MoEConfig  # noqa: E402
+from sparta.moe import MoE, MoEConfig
 
 WORLD = 2
 CONFIGS = {

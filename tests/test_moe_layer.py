@@ -6,18 +6,15 @@ on the same (bf16-rounded) inputs 3e-2 for the output and 5e-2 for gradients (bf
 mantissa and the two paths round at different places).
 """
 import math
-import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from sparta.kernels.moe_reference import activation_reference, moe_ffn_token_loop  # noqa: E402
-from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig  # noqa: E402
-from sparta.moe.dispatch import build_plan  # noqa: E402
-from sparta.moe.metrics import chunk_level_sparsity, routing_stats  # noqa: E402
+from sparta.kernels.moe_reference import activation_reference, moe_ffn_token_loop
+from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig
+from sparta.moe.dispatch import build_plan
+from sparta.moe.metrics import chunk_level_sparsity, routing_stats
 
 CONFIGS = {
     "topk-swiglu-shared": MoEConfig(router="topk", num_experts=6, top_k=2, d_ff=16, num_shared_experts=1),

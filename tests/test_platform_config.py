@@ -73,7 +73,8 @@ def test_worker_plan_against_the_machine():
     assert plan_workers(job, {"CPU": 2}) .num_workers == 2
     gpu = plan_workers(job, {"CPU": 64, "GPU": 8})
     assert gpu.use_gpu and gpu.num_workers == 8
-    with pytest.raises(ConfigError, match=r"trainer.num_workers=4: .* need 4 CPUs, the cluster has 2; expected trainer.num_workers <= 2"):
+    too_many = r"trainer.num_workers=4: .* need 4 CPUs, the cluster has 2; expected trainer.num_workers <= 2"
+    with pytest.raises(ConfigError, match=too_many):
         plan_workers(compose_job("trainer.num_workers=4"), {"CPU": 2})
     with pytest.raises(ConfigError, match=r"trainer.num_workers=3: expected at most 2, one worker per GPU"):
         plan_workers(compose_job("trainer.num_workers=3"), {"CPU": 16, "GPU": 2})

@@ -5,8 +5,14 @@ import json
 import pytest
 import torch
 
-from sparta.platform.data import (TOKENIZER_PATH, TokenBatches, load_tokenizer, read_corpus, tokenize_corpus,
-                                  train_tokenizer)
+from sparta.platform.data import (
+    TOKENIZER_PATH,
+    TokenBatches,
+    load_tokenizer,
+    read_corpus,
+    tokenize_corpus,
+    train_tokenizer,
+)
 
 
 def test_tokenizer_round_trips_any_text():

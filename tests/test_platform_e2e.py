@@ -139,7 +139,8 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
             return output
 
         stdlib = sysconfig.get_paths()["stdlib"]  # the job runs this same interpreter
-        assert f"platform from {stdlib}" in submit(sys.executable, "-c", "import platform; print('platform from', platform.__file__)")
+        check = "import platform; print('platform from', platform.__file__)"
+        assert f"platform from {stdlib}" in submit(sys.executable, "-c", check)
         output = submit(sys.executable, "launch/train.py", "cluster=ray", "experiment=smoke", f"cluster.root={tmp_path}",
                         "run_name=submitted", "trainer.max_steps=6", "trainer.eval_every=3",
                         "trainer.checkpoint_every=3", "tracking.uri=http://127.0.0.1:9")

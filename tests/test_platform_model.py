@@ -57,8 +57,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads():
     with torch.no_grad():
         mha.q_proj.weight.copy_(gqa.q_proj.weight)
         mha.out_proj.weight.copy_(gqa.out_proj.weight)
-        repeat = lambda w: w.repeat_interleave(2, dim=0).reshape(-1, cfg.d_model)
-        mha.kv_proj.weight.copy_(torch.cat([repeat(k_w), repeat(v_w)]))
+        mha.kv_proj.weight.copy_(torch.cat([w.repeat_interleave(2, dim=0).reshape(-1, cfg.d_model) for w in (k_w, v_w)]))
     x = torch.randn(2, 10, cfg.d_model)
     cos, sin = rotary_tables(10, head_dim, cfg.rope_theta)
     torch.testing.assert_close(gqa(x, cos, sin), mha(x, cos, sin), rtol=1e-5, atol=1e-5)

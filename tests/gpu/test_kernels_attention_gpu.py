@@ -13,8 +13,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from sparta.kernels import (block_sparse_attention, block_sparse_attention_reference,  # noqa: E402
-                            build_kernel_layout)
+from sparta.kernels import block_sparse_attention, block_sparse_attention_reference, build_kernel_layout  # noqa: E402
 
 attention_module = importlib.import_module("sparta.kernels.block_sparse_attention")
 TOLERANCE = {torch.bfloat16: (1e-2, 2e-2), torch.float16: (5e-3, 1e-2)}
