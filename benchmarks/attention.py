@@ -9,22 +9,20 @@ Measures in one run (bf16, B=1, H=16; N=16384 D=128 and N=32768 D=64):
   build the layout (wall time of build_kernel_layout on an idle GPU: its CPU launch cost included).
 Times are triton.testing.do_bench medians (L2 flushed before each run).
 TFLOP/s count the computed blocks only: 4*D flops per (query, key) pair forward, 3.5x that for
-forward+backward. Appends one JSON line per measurement to <out-dir>/attention-<device>.jsonl.
+forward+backward. Appends one JSON line per measurement to benchmarks/results/attention-<device>.jsonl.
 
-    python benchmarks/attention.py [--tune] [--out-dir benchmarks/results]
+    python benchmarks/attention.py [--tune] [--out results.jsonl]
 
 --tune first times every candidate tile config of each kernel (dense, per head dim), prints the
 table and uses the fastest for the rest of the run (the kernels' TUNED_CONFIGS come from it).
 """
 
 import argparse
-import datetime
 import importlib
 import json
-import re
-import subprocess
 from pathlib import Path
 
+import records
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -182,28 +180,18 @@ def run_shape(seqlen: int, head_dim: int, do_tune: bool, record) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tune", action="store_true", help="sweep the candidate tile configs first")
-    parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    device = torch.cuda.get_device_name()
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    out = Path(args.out_dir) / f"attention-{slug}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        commit = "uncommitted"
-    common = dict(bench="attention", device=device, commit=commit, date=datetime.date.today().isoformat(),
-                  dtype="bfloat16", batch=1, heads=HEADS, block=BLOCK)
+    out = args.out or records.results_path("attention")
+    common = dict(records.metadata("attention"), dtype="bfloat16", batch=1, heads=HEADS, block=BLOCK)
 
     def record(case, impl, pass_name, ms, pairs, head_dim, **fields):
         flops = None if pairs is None else 4 * head_dim * pairs * (3.5 if pass_name == "fwd+bwd" else 1.0)
         line = dict(common, case=case, impl=impl, **{"pass": pass_name}, ms=round(ms, 4),
                     tflops=None if flops is None else round(flops / ms / 1e9, 1), head_dim=head_dim, **fields)
         print(json.dumps(line), flush=True)
-        with out.open("a") as f:
-            f.write(json.dumps(line) + "\n")
+        records.append(out, line)
 
     for seqlen, head_dim in SHAPES:
         run_shape(seqlen, head_dim, args.tune, record)

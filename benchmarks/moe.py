@@ -11,14 +11,11 @@ TFLOP/s count the FFN expert FLOPs actually computed: 2 * rows * d_model * (H + 
     python benchmarks/moe.py [--out benchmarks/results/moe-<device>.jsonl] [--profile]
 """
 import argparse
-import datetime
-import json
-import re
 import statistics
-import subprocess
 import traceback
 from pathlib import Path
 
+import records
 import torch
 import torch.nn.functional as F
 import triton
@@ -89,28 +86,14 @@ def ffn_tflops(rows, d_ff, ms, backward):
 class Recorder:
     def __init__(self, out_path):
         self.out_path = out_path
-        self.common = {
-            "bench": "moe",
-            "device": torch.cuda.get_device_name(),
-            "commit": _commit(),
-            "date": datetime.date.today().isoformat(),
-        }
+        self.common = records.metadata("moe")
 
     def record(self, case, impl, pass_, ms, tflops, **extra):
         line = {**self.common, "case": case, "impl": impl, "pass": pass_, "ms": round(ms, 4),
                 "tflops": round(tflops, 1), **extra}
         print(f"{case:46s} {impl:10s} {pass_:8s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s "
               + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
-        with open(self.out_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or "uncommitted"
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
+        records.append(self.out_path, line)
 
 
 def make_layer(config):
@@ -274,9 +257,7 @@ def main():
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print kernel tables of E64 top-8 and MoE++ fwd+bwd")
     args = parser.parse_args()
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"moe-{slug}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or records.results_path("moe")
     torch.manual_seed(0)
     rec = Recorder(out)
     vanilla_ms = _keep_going(bench_topk, rec, args.profile) or {}

@@ -21,15 +21,13 @@ cuDNN's time over the case's, measured in the same run.
                                   [--costs attention/pattern_costs.json] [--plan PATH]
 """
 import argparse
-import datetime
 import json
 import math
-import re
-import subprocess
 import time
 import traceback
 from pathlib import Path
 
+import records
 import torch
 import torch.nn.functional as F
 import triton
@@ -145,8 +143,7 @@ def cudnn(q, k, v):
 class Recorder:
     def __init__(self, out_path: Path):
         self.out_path = out_path
-        self.common = {"bench": "patterns", "device": torch.cuda.get_device_name(), "commit": _commit(),
-                       "date": datetime.date.today().isoformat()}
+        self.common = records.metadata("patterns")
 
     def record(self, case, impl, ms, density, dense_ms, rel_err, heads, tokens, **extra):
         flops = 4 * heads * tokens * tokens * HEAD_DIM * density
@@ -155,16 +152,7 @@ class Recorder:
                 "rel_err": None if rel_err is None else round(rel_err, 5), "density": round(density, 4), **extra}
         print(f"{case:34s} {impl:7s} {ms:8.3f} ms {line['tflops']:6.1f} TFLOP/s  x{line['speedup']:<6} "
               f"rel_err {line['rel_err']}  " + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
-        with open(self.out_path, "a") as f:
-            f.write(json.dumps(line) + "\n")
-
-
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip() or "uncommitted"
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
+        records.append(self.out_path, line)
 
 
 # ---- FlexAttention on the same block layout ------------------------------------------------------
@@ -240,7 +228,7 @@ def bench_video_patterns(rec, costs_path):
                     run_sparta(f"tiles_raster-{target:.2f}-video-{tokens}", raster.build(VIDEO, device=DEVICE))
         table[family] = points + [[1.0, round(full_ms / dense_ms, 4)]]
     table["full"] = [[1.0, round(full_ms / dense_ms, 4)]]  # plans run full heads in the kernel too
-    costs = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "commit": _commit(),
+    costs = {**records.metadata("pattern_costs"),
              "shape": {"grid": [VIDEO.frames, VIDEO.height, VIDEO.width], "heads": heads, "head_dim": HEAD_DIM,
                        "dtype": "bfloat16", "block": BLOCK, "pass": "fwd"},
              "dense_cudnn_ms": round(dense_ms, 4), "relative_time": table}
@@ -338,9 +326,7 @@ def main():
     parser.add_argument("--skip-flex-after-s", type=float, default=150.0,
                         help="leave FlexAttention (slow to compile) out once this much time has passed")
     args = parser.parse_args()
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"patterns-{slug}.jsonl"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out or records.results_path("patterns")
     started = time.monotonic()
     rec = Recorder(out)
     dense_ms, matched = _keep_going(bench_video_patterns, rec, args.costs) or (None, {})

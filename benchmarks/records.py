@@ -1,0 +1,43 @@
+"""What every benchmark record carries (DESIGN.md): the device, the commit, the date; and where it goes."""
+
+import datetime
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def commit() -> str:
+    """The checked-out commit (`-dirty` when the tree has changes). Where the git history is absent (the
+    device tool copies only the working tree), the caller passes the commit of that tree as $SPARTA_COMMIT."""
+    git = ["git", "-C", str(Path(__file__).parent)]
+    try:
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return f"{head}-dirty" if dirty else head
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return os.environ.get("SPARTA_COMMIT", "uncommitted")
+
+
+def metadata(bench: str) -> dict:
+    return {"bench": bench, "device": torch.cuda.get_device_name(), "commit": commit(),
+            "date": datetime.date.today().isoformat()}
+
+
+def results_path(bench: str) -> Path:
+    """benchmarks/results/<bench>-<device slug>.jsonl"""
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    return RESULTS / f"{bench}-{slug}.jsonl"
+
+
+def append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
