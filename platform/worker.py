@@ -72,6 +72,9 @@ def train_worker(args: WorkerArgs) -> None:
                           "system.device": torch.cuda.get_device_name() if args.use_gpu else "cpu"})
     progress = Progress(trainer.max_steps, step) if rank == 0 else None
 
+    # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
+    # ZeRO clips without keeping it, so the loop measures it there.
+    reports_grad_norm = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
     interval_loss, interval_steps = torch.zeros((), device=device), 0
     while step < trainer.max_steps:
         step += 1
@@ -81,6 +84,8 @@ def train_worker(args: WorkerArgs) -> None:
             inputs, targets = train_batches.get((step - 1) * accumulation + micro)
             loss = next_token_loss(engine(inputs.to(device)), targets.to(device))
             engine.backward(loss)
+            if micro == accumulation - 1 and not reports_grad_norm:
+                own_grad_norm = gradient_norm(model)  # whole, all-reduced gradients at the boundary
             engine.step()
             interval_loss += loss.detach() / accumulation
         interval_steps += 1
@@ -90,9 +95,7 @@ def train_worker(args: WorkerArgs) -> None:
             dist.all_reduce(interval_loss)
             metrics["train/loss"] = interval_loss.item() / (world_size * interval_steps)
             metrics["train/lr"] = engine.get_lr()[0]
-            grad_norm = engine.get_global_grad_norm()
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
+            metrics["train/grad_norm"] = float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
             interval_loss.zero_()
             interval_steps = 0
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
@@ -103,6 +106,10 @@ def train_worker(args: WorkerArgs) -> None:
             tracker.log_metrics(metrics, step)
         if step % trainer.checkpoint_every == 0 or step == trainer.max_steps:
             save_checkpoint(engine, step, {"step": step, **metrics})
+
+
+def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None]))
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -83,7 +83,8 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
 
 
 def test_worker_failure_restarts_from_the_checkpoint_with_the_same_losses(tmp_path):
-    output = train(tmp_path, "run_name=drill", "trainer.log_every=1", "trainer.inject_failure_at_step=15")
+    output = train(tmp_path, "run_name=drill", "trainer.log_every=1", "trainer.inject_failure_at_step=15",
+                   "deepspeed.gradient_accumulation_steps=2")
     assert "injected failure" in output and "resumed from the checkpoint at step 10" in output
     client, runs = mlflow_runs(tmp_path)
     run = runs["drill"]
@@ -123,7 +124,7 @@ def free_port() -> int:
 
 def test_ray_job_submit_to_a_local_cluster(tmp_path):
     """`ray start --head`, then `ray job submit --working-dir .` (token auth on) of the stdlib check and of
-    a training job whose MLflow server cannot be reached: both succeed, the cluster is stopped."""
+    a training job (ZeRO-0) whose MLflow server cannot be reached: both succeed, the cluster is stopped."""
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
@@ -142,10 +143,11 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
         check = "import platform; print('platform from', platform.__file__)"
         assert f"platform from {stdlib}" in submit(sys.executable, "-c", check)
         output = submit(sys.executable, "launch/train.py", "cluster=ray", "experiment=smoke", f"cluster.root={tmp_path}",
-                        "run_name=submitted", "trainer.max_steps=6", "trainer.eval_every=3",
+                        "run_name=submitted", "deepspeed=zero0", "trainer.max_steps=6", "trainer.eval_every=3",
                         "trainer.checkpoint_every=3", "tracking.uri=http://127.0.0.1:9")
         assert output.count("training continues without tracking") == 1
         assert "run submitted finished at step 6" in output
+        assert "step 6/6 | loss" in output and "| grad " in output
         assert (checkpoints(tmp_path, "submitted")[-1] / "latest").read_text().strip() == "step_0000006"
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
