@@ -22,13 +22,14 @@ import importlib
 import json
 from pathlib import Path
 
-import records
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sparta.kernels import block_sparse_attention, build_kernel_layout
+
+import harness
 
 attention_module = importlib.import_module("sparta.kernels.block_sparse_attention")
 
@@ -183,15 +184,15 @@ def main():
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    out = args.out or records.results_path("attention")
-    common = dict(records.metadata("attention"), dtype="bfloat16", batch=1, heads=HEADS, block=BLOCK)
+    out = args.out or harness.results_path("attention")
+    common = dict(harness.metadata("attention"), dtype="bfloat16", batch=1, heads=HEADS, block=BLOCK)
 
     def record(case, impl, pass_name, ms, pairs, head_dim, **fields):
         flops = None if pairs is None else 4 * head_dim * pairs * (3.5 if pass_name == "fwd+bwd" else 1.0)
         line = dict(common, case=case, impl=impl, **{"pass": pass_name}, ms=round(ms, 4),
                     tflops=None if flops is None else round(flops / ms / 1e9, 1), head_dim=head_dim, **fields)
         print(json.dumps(line), flush=True)
-        records.append(out, line)
+        harness.append(out, line)
 
     for seqlen, head_dim in SHAPES:
         run_shape(seqlen, head_dim, args.tune, record)

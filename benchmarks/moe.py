@@ -12,16 +12,16 @@ TFLOP/s count the FFN expert FLOPs actually computed: 2 * rows * d_model * (H + 
 """
 import argparse
 import statistics
-import traceback
 from pathlib import Path
 
-import records
 import torch
 import torch.nn.functional as F
 import triton
 
 from sparta.moe import MoE, MoEConfig
 from sparta.moe.dispatch import build_plan, run_local
+
+import harness
 
 DEVICE = "cuda"
 TOKENS, D_MODEL = 16384, 2048
@@ -86,14 +86,14 @@ def ffn_tflops(rows, d_ff, ms, backward):
 class Recorder:
     def __init__(self, out_path):
         self.out_path = out_path
-        self.common = records.metadata("moe")
+        self.common = harness.metadata("moe")
 
     def record(self, case, impl, pass_, ms, tflops, **extra):
         line = {**self.common, "case": case, "impl": impl, "pass": pass_, "ms": round(ms, 4),
                 "tflops": round(tflops, 1), **extra}
         print(f"{case:46s} {impl:10s} {pass_:8s} {ms:9.3f} ms {tflops:7.1f} TFLOP/s "
               + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
-        records.append(self.out_path, line)
+        harness.append(self.out_path, line)
 
 
 def make_layer(config):
@@ -136,7 +136,7 @@ def bench_topk_case(rec, experts, top_k, d_ff, profile):
                 extra["rel_err_vs_grouped_mm"] = float(f"{err:.2e}")
             rec.record(case, impl, pass_, ms, ffn_tflops(rows, d_ff, ms, pass_ == "fwd+bwd"), **extra)
     if profile:
-        _keep_going(profile_layer, layer, x)
+        harness.keep_going(profile_layer, layer, x)
     return results["sparta"]
 
 
@@ -196,7 +196,7 @@ def bench_moepp(rec, vanilla_ms, profile):
                    ffn_tflops(TOKENS * top_k, d_ff, vanilla_experts_ms[index], backward),
                    tokens=TOKENS, ffn_rows=TOKENS * top_k, part="experts")
     if profile:
-        _keep_going(profile_layer, layer, x, prev_router_logits=prev_logits)
+        harness.keep_going(profile_layer, layer, x, prev_router_logits=prev_logits)
 
 
 def bench_blockffn(rec):
@@ -242,28 +242,18 @@ def profile_layer(layer, x, **kwargs):
           flush=True)
 
 
-def _keep_going(section, *args, **kwargs):
-    """Run one section; a failure is printed and the next section still runs (device time is scarce)."""
-    try:
-        return section(*args, **kwargs)
-    except Exception:  # noqa: BLE001 - report and continue
-        traceback.print_exc()
-        torch.cuda.empty_cache()
-        return None
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="print kernel tables of E64 top-8 and MoE++ fwd+bwd")
     args = parser.parse_args()
-    out = args.out or records.results_path("moe")
+    out = args.out or harness.results_path("moe")
     torch.manual_seed(0)
     rec = Recorder(out)
-    vanilla_ms = _keep_going(bench_topk, rec, args.profile) or {}
+    vanilla_ms = harness.keep_going(bench_topk, rec, args.profile) or {}
     if TOPK_CASES[0] in vanilla_ms:
-        _keep_going(bench_moepp, rec, vanilla_ms, args.profile)
-    _keep_going(bench_blockffn, rec)
+        harness.keep_going(bench_moepp, rec, vanilla_ms, args.profile)
+    harness.keep_going(bench_blockffn, rec)
     print(f"records appended to {out}; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 

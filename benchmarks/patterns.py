@@ -24,10 +24,8 @@ import argparse
 import json
 import math
 import time
-import traceback
 from pathlib import Path
 
-import records
 import torch
 import torch.nn.functional as F
 import triton
@@ -45,6 +43,8 @@ from sparta.attention import (
     invert_permutation,
     video_candidates,
 )
+
+import harness
 
 DEVICE = "cuda"
 VIDEO = VideoGrid(13, 30, 52)
@@ -143,7 +143,7 @@ def cudnn(q, k, v):
 class Recorder:
     def __init__(self, out_path: Path):
         self.out_path = out_path
-        self.common = records.metadata("patterns")
+        self.common = harness.metadata("patterns")
 
     def record(self, case, impl, ms, density, dense_ms, rel_err, heads, tokens, **extra):
         flops = 4 * heads * tokens * tokens * HEAD_DIM * density
@@ -152,7 +152,7 @@ class Recorder:
                 "rel_err": None if rel_err is None else round(rel_err, 5), "density": round(density, 4), **extra}
         print(f"{case:34s} {impl:7s} {ms:8.3f} ms {line['tflops']:6.1f} TFLOP/s  x{line['speedup']:<6} "
               f"rel_err {line['rel_err']}  " + " ".join(f"{k}={v}" for k, v in extra.items()), flush=True)
-        records.append(self.out_path, line)
+        harness.append(self.out_path, line)
 
 
 # ---- FlexAttention on the same block layout ------------------------------------------------------
@@ -228,7 +228,7 @@ def bench_video_patterns(rec, costs_path):
                     run_sparta(f"tiles_raster-{target:.2f}-video-{tokens}", raster.build(VIDEO, device=DEVICE))
         table[family] = points + [[1.0, round(full_ms / dense_ms, 4)]]
     table["full"] = [[1.0, round(full_ms / dense_ms, 4)]]  # plans run full heads in the kernel too
-    costs = {**records.metadata("pattern_costs"),
+    costs = {**harness.metadata("pattern_costs"),
              "shape": {"grid": [VIDEO.frames, VIDEO.height, VIDEO.width], "heads": heads, "head_dim": HEAD_DIM,
                        "dtype": "bfloat16", "block": BLOCK, "pass": "fwd"},
              "dense_cudnn_ms": round(dense_ms, 4), "relative_time": table}
@@ -308,16 +308,6 @@ def bench_dlm_flex(rec, qkv, layout, dense, dense_ms):
                relative_error(run(), dense), q.shape[1], q.shape[2])
 
 
-def _keep_going(section, *args):
-    """Run one section; a failure is printed and the next section still runs (device time is scarce)."""
-    try:
-        return section(*args)
-    except Exception:  # noqa: BLE001 - report and continue
-        traceback.print_exc()
-        torch.cuda.empty_cache()
-        return None
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
@@ -326,18 +316,18 @@ def main():
     parser.add_argument("--skip-flex-after-s", type=float, default=150.0,
                         help="leave FlexAttention (slow to compile) out once this much time has passed")
     args = parser.parse_args()
-    out = args.out or records.results_path("patterns")
+    out = args.out or harness.results_path("patterns")
     started = time.monotonic()
     rec = Recorder(out)
-    dense_ms, matched = _keep_going(bench_video_patterns, rec, args.costs) or (None, {})
+    dense_ms, matched = harness.keep_going(bench_video_patterns, rec, args.costs) or (None, {})
     if dense_ms is not None:
-        _keep_going(bench_video_plan, rec, dense_ms, args.costs, args.plan)
-    dlm = _keep_going(bench_dlm, rec)
+        harness.keep_going(bench_video_plan, rec, dense_ms, args.costs, args.plan)
+    dlm = harness.keep_going(bench_dlm, rec)
     flex_in_time = lambda: time.monotonic() - started < args.skip_flex_after_s  # noqa: E731
     if dense_ms is not None and flex_in_time():
-        _keep_going(bench_video_flex, rec, dense_ms, matched)
+        harness.keep_going(bench_video_flex, rec, dense_ms, matched)
     if dlm is not None and flex_in_time():
-        _keep_going(bench_dlm_flex, rec, *dlm)
+        harness.keep_going(bench_dlm_flex, rec, *dlm)
     print(f"records appended to {out}; {time.monotonic() - started:.0f} s; "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 

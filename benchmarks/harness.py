@@ -1,10 +1,12 @@
-"""What every benchmark record carries (DESIGN.md): the device, the commit, the date; and where it goes."""
+"""What every benchmark shares: the fields each record carries (DESIGN.md: device, commit, date), where
+records go, and running sections so that one failure does not cost the rest of a device call."""
 
 import datetime
 import json
 import os
 import re
 import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -41,3 +43,13 @@ def append(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def keep_going(section, *args, **kwargs):
+    """Run one section; a failure is printed and the next section still runs (device time is scarce)."""
+    try:
+        return section(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - report and continue
+        traceback.print_exc()
+        torch.cuda.empty_cache()
+        return None
