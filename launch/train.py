@@ -21,10 +21,11 @@ from sparta.platform.config import ConfigError, JobConfig
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     try:
-        job = JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        tree = OmegaConf.to_container(cfg, resolve=True)
+        job = JobConfig.from_dict(tree)
         from sparta.platform import job as driver  # Ray/DeepSpeed imports only once the config is valid
 
-        params = {**flatten(OmegaConf.to_container(cfg, resolve=True)),
+        params = {**flatten(tree),
                   **{f"choice.{group}": option for group, option in hydra_cfg.runtime.choices.items()
                      if not group.startswith("hydra") and option is not None}}
         result = driver.run(job, default_run_name(hydra_cfg), params, OmegaConf.to_yaml(cfg, resolve=True))

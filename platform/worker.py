@@ -184,9 +184,8 @@ class Progress:
         eta = (now - self.start) / (step - self.first_step) * (self.max_steps - step)
         parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"]
         if "train/loss" in metrics:
-            parts += [f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}"]
-        if "train/grad_norm" in metrics:
-            parts.append(f"grad {metrics['train/grad_norm']:.3f}")
+            parts += [f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
+                      f"grad {metrics['train/grad_norm']:.3f}"]
         if "val/loss" in metrics:
             parts.append(f"val {metrics['val/loss']:.4f} (ppl {math.exp(metrics['val/loss']):.1f})")
         parts += [f"{tokens_per_s / 1000:.1f}k tok/s", f"eta {format_seconds(eta)}"]
