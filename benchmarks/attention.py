@@ -13,7 +13,7 @@ forward+backward. Appends one JSON line per measurement to benchmarks/results/at
 
     python benchmarks/attention.py [--tune] [--out results.jsonl]
 
---tune first times every candidate tile config of each kernel (dense, per head dim), prints the
+--tune first times every candidate tile config of each pass (dense, per head dim), prints the
 table and uses the fastest for the rest of the run (the kernels' TUNED_CONFIGS come from it).
 """
 
@@ -98,17 +98,14 @@ def tune(q, k, v, layout, head_dim: int) -> None:
     d_o, d_lse = torch.randn_like(o), torch.zeros_like(lse)
     runs = {
         "fwd": lambda c: attention_module._forward(q, k, v, *lists, None, None, problem, scale, config=c),
-        "dq": lambda c: attention_module._backward(d_o, d_lse, q, k, v, o, lse, *lists, *transposed, None, None,
-                                                   problem, scale, dq_config=c),
-        "dkdv": lambda c: attention_module._backward(d_o, d_lse, q, k, v, o, lse, *lists, *transposed, None, None,
-                                                     problem, scale, dkdv_config=c),
+        "bwd": lambda c: attention_module._backward(d_o, d_lse, q, k, v, o, lse, *lists, *transposed, None, None,
+                                                    problem, scale, config=c),
     }
     for kind, run in runs.items():
         times = {c: time_ms(lambda c=c: run(c)) for c in attention_module.CANDIDATE_CONFIGS[(kind, head_dim)]}
         for config, ms in sorted(times.items(), key=lambda item: item[1]):
             print(f"tune {kind:5s} D{head_dim}: {ms:8.3f} ms  {config}")
         attention_module.TUNED_CONFIGS[(kind, head_dim)] = min(times, key=times.get)
-    # dq and dkdv were timed inside whole backward passes: the other kernel ran with its default.
 
 
 def run_shape(seqlen: int, head_dim: int, do_tune: bool, record) -> None:

@@ -6,6 +6,7 @@ A block mask says which (query block, key block) pairs attend. The kernels want,
 sequence end). The backward pass for dK/dV wants the transposed lists: for each key block, its query
 blocks. `build_kernel_layout` makes both on the mask's device without host synchronisation (no
 `.item()`, no host-sized `nonzero`): one Triton launch on the GPU, torch ops on the CPU.
+Builds are cheap enough to run every step: on H100 the host cost is what counts (GPU work ~0.04 ms).
 
 Conventions
 - Causal is top-left aligned: query position i attends key position j <= i (as SDPA's `is_causal`
@@ -17,6 +18,7 @@ Conventions
   The layout then has one batch entry per sequence and the tensors are packed [1, H, total, D].
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,7 @@ class KernelLayout:
     `kv_full_count` of them full; the rest of each row holds the absent blocks and is never read.
     `q_count / q_full_count / q_index` are the same lists for each key block (transposed layout).
     `q_block_order` is the kernels' launch order of the flat (batch, head, query block) rows,
-    longest lists first (see `longest_first`).
+    longest lists first (see `longest_first`), int32.
     """
 
     kv_count: torch.Tensor  # int32 [B|1, H, Qb]
@@ -46,7 +48,7 @@ class KernelLayout:
     q_count: torch.Tensor  # int32 [B|1, H, Kb]
     q_full_count: torch.Tensor  # int32 [B|1, H, Kb]
     q_index: torch.Tensor  # int32 [B|1, H, Kb, Qb]
-    q_block_order: torch.Tensor  # int64 [B|1 * H * Qb]
+    q_block_order: torch.Tensor  # int32 [B|1 * H * Qb]
     block_q: int
     block_k: int
     seqlen_q: int
@@ -89,16 +91,15 @@ def build_kernel_layout(
 ) -> KernelLayout:
     """Compile a bool block mask [B|1, H, Qb, Kb] into the kernels' lists (no host synchronisation)."""
     _check_layout_args(block_mask, block_q, block_k, seqlen_q, seqlen_k, cu_seqlens_q, cu_seqlens_k)
-    # On the GPU one Triton launch builds both lists (the torch version is ~25 small launches).
-    build_lists = _block_lists_triton if block_mask.is_cuda else _block_lists_torch
-    kv_lists, q_lists = build_lists(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal,
-                                    cu_seqlens_q, cu_seqlens_k)
+    # On the GPU one Triton launch builds everything (the torch version is ~30 small launches).
+    build = _build_triton if block_mask.is_cuda else _build_torch
+    kv_lists, q_lists, q_block_order = build(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal,
+                                             cu_seqlens_q, cu_seqlens_k)
     kv_count, kv_full_count, kv_index = kv_lists
     q_count, q_full_count, q_index = q_lists
     return KernelLayout(
         kv_count=kv_count, kv_full_count=kv_full_count, kv_index=kv_index,
-        q_count=q_count, q_full_count=q_full_count, q_index=q_index,
-        q_block_order=longest_first(kv_count.flatten()),
+        q_count=q_count, q_full_count=q_full_count, q_index=q_index, q_block_order=q_block_order,
         block_q=block_q, block_k=block_k, seqlen_q=seqlen_q, seqlen_k=seqlen_k, causal=causal,
         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
     )
@@ -109,12 +110,13 @@ def longest_first(work: torch.Tensor) -> torch.Tensor:
     fill the SMs at the end. Lengths within a factor sqrt(2) count as equal and keep their (head,
     block) order, so programs running at the same time share K/V (or Q/dO) tiles in L2. Measured on
     H100 (D128, N16k, H16, density 0.1-0.25): an exact longest-first sort, which mixes all heads, was
-    10-17% slower than the natural order; these classes stay within 2-6% of it."""
+    10-17% slower than the natural order; these classes stay within 2-6% of it.
+    (Torch ops for CPU layouts; `launch_order` computes the same on the GPU.)"""
     length_class = torch.log2(work + 1.0).mul_(2.0).floor_()
-    return torch.argsort(length_class, descending=True, stable=True)
+    return torch.argsort(length_class, descending=True, stable=True).to(torch.int32)
 
 
-def _block_lists_torch(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal, cu_seqlens_q, cu_seqlens_k):
+def _build_torch(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal, cu_seqlens_q, cu_seqlens_k):
     """Both lists with torch ops: classify every block, then a stable sort by category."""
     device = block_mask.device
     num_q_blocks, num_k_blocks = block_mask.shape[-2:]
@@ -134,7 +136,8 @@ def _block_lists_torch(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal,
         allowed = allowed & (q_last >= k_first)  # some pair in the block has i >= j
         partial = partial | (q_first < k_last)  # some pair has i < j
     category = torch.where(allowed, partial.to(torch.uint8), _ABSENT)
-    return _sorted_lists(category), _sorted_lists(category.transpose(-1, -2).contiguous())
+    kv_lists = _sorted_lists(category)
+    return kv_lists, _sorted_lists(category.transpose(-1, -2).contiguous()), longest_first(kv_lists[0].flatten())
 
 
 def _sorted_lists(category: torch.Tensor):
@@ -146,13 +149,73 @@ def _sorted_lists(category: torch.Tensor):
 
 
 @triton.jit
-def _block_lists_kernel(MASK, stride_b, stride_h, stride_q, stride_k, CU_Q, CU_K,
-                        KV_COUNT, KV_FULL, KV_INDEX, Q_COUNT, Q_FULL, Q_INDEX,
+def _length_class(work):
+    """Lengths within a factor sqrt(2) share a class: floor(2 log2(work + 1)), as in longest_first."""
+    return tl.floor(2.0 * tl.log2(work.to(tl.float32) + 1.0)).to(tl.int32)
+
+
+@triton.jit
+def _class_one_hot(WORK, items, num_items, group, num_blocks, classes):
+    """[items, classes] 0/1: the length class of each item. Item i = (row r, block j), i = r *
+    num_blocks + j, weighs sum over g < group of WORK[(r * group + g) * num_blocks + j]."""
+    valid = items < num_items
+    first = (items // num_blocks) * group * num_blocks + items % num_blocks
+    work = tl.zeros_like(items)
+    for g in range(group):
+        work += tl.load(WORK + first + g * num_blocks, mask=valid, other=0, cache_modifier=".cg")
+    return ((_length_class(work)[:, None] == classes[None, :]) & valid[:, None]).to(tl.int32)
+
+
+@triton.jit
+def _longest_first_order(WORK, ORDER, num_items, group, num_blocks, NUM_CLASSES: tl.constexpr,
+                         CHUNK: tl.constexpr):
+    """ORDER = the items by decreasing length class, in item order within a class (a stable
+    counting sort in one program: a histogram pass, then a pass that places each item)."""
+    classes = tl.arange(0, NUM_CLASSES)
+    histogram = tl.zeros([NUM_CLASSES], tl.int32)
+    for start in range(0, num_items, CHUNK):
+        histogram += tl.sum(_class_one_hot(WORK, start + tl.arange(0, CHUNK), num_items, group, num_blocks,
+                                           classes), 0)
+    next_position = num_items - tl.cumsum(histogram, 0)  # the items of higher classes come first
+    for start in range(0, num_items, CHUNK):
+        items = start + tl.arange(0, CHUNK)
+        in_class = _class_one_hot(WORK, items, num_items, group, num_blocks, classes)
+        rank = tl.cumsum(in_class, 0) - in_class  # earlier items of the same class in this chunk
+        position = tl.sum(in_class * (next_position[None, :] + rank), 1)
+        tl.store(ORDER + position, items, mask=items < num_items)
+        next_position += tl.sum(in_class, 0)
+
+
+@triton.jit
+def _launch_order_kernel(WORK, ORDER, num_items, group, num_blocks, NUM_CLASSES: tl.constexpr,
+                         CHUNK: tl.constexpr):
+    _longest_first_order(WORK, ORDER, num_items, group, num_blocks, NUM_CLASSES, CHUNK)
+
+
+def launch_order(work: torch.Tensor, group: int = 1) -> torch.Tensor:
+    """`longest_first` on the GPU in one launch (int32), with the work of `group` consecutive rows
+    summed: work [B, H * group, blocks] -> order over [B, H, blocks] (dK/dV programs under GQA)."""
+    num_items = work.numel() // group
+    order = torch.empty(num_items, dtype=torch.int32, device=work.device)
+    _launch_order_kernel[(1,)](work, order, num_items, group, work.shape[-1],
+                               NUM_CLASSES=_num_length_classes(work.shape[-1] * group), CHUNK=256, num_warps=4)
+    return order
+
+
+def _num_length_classes(max_work: int) -> int:
+    return triton.next_power_of_2(int(2 * math.log2(max_work + 1)) + 1)
+
+
+@triton.jit
+def _block_lists_kernel(MASK, stride_b, stride_h, stride_q, stride_k, CU_Q, CU_K, DONE,
+                        KV_COUNT, KV_FULL, KV_INDEX, Q_COUNT, Q_FULL, Q_INDEX, ORDER,
                         num_kv_lists, heads, num_q_blocks, num_k_blocks, seqlen_q, seqlen_k, block_q, block_k,
-                        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WIDTH: tl.constexpr):
+                        CAUSAL: tl.constexpr, VARLEN: tl.constexpr, WIDTH: tl.constexpr,
+                        NUM_CLASSES: tl.constexpr, CHUNK: tl.constexpr):
     """One program per list. Programs below num_kv_lists list the key blocks of one query block; the
     others list the query blocks of one key block (transposed layout). Same classification as
-    _block_lists_torch; the order (full, partial, absent) comes from running counts."""
+    _block_lists_torch; the order (full, partial, absent) comes from running counts. The program
+    that finishes last writes the launch order of the key lists (so the whole layout is one launch)."""
     pid = tl.program_id(0)
     is_kv_list = pid < num_kv_lists
     list_id = tl.where(is_kv_list, pid, pid - num_kv_lists)
@@ -196,27 +259,35 @@ def _block_lists_kernel(MASK, stride_b, stride_h, stride_q, stride_k, CU_Q, CU_K
         tl.store(Q_COUNT + list_id, num_listed)
         tl.store(Q_FULL + list_id, num_full)
         tl.store(Q_INDEX + list_id * other_blocks + rank, others, mask=in_range)
+    # Release this program's counts, then count it done; the last one sees every count (acquire).
+    tl.debug_barrier()
+    if tl.atomic_add(DONE, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        _longest_first_order(KV_COUNT, ORDER, num_kv_lists, 1, 1, NUM_CLASSES, CHUNK)
 
 
-def _block_lists_triton(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal, cu_seqlens_q, cu_seqlens_k):
+def _build_triton(block_mask, block_q, block_k, seqlen_q, seqlen_k, causal, cu_seqlens_q, cu_seqlens_k):
+    """Both lists and the launch order in one launch, into one zeroed buffer (a few host calls)."""
     mask_batch, heads, num_q_blocks, num_k_blocks = block_mask.shape
     varlen = cu_seqlens_q is not None
     batch = cu_seqlens_q.numel() - 1 if varlen else mask_batch
-    new = lambda *shape: torch.empty(*shape, dtype=torch.int32, device=block_mask.device)  # noqa: E731
-    kv_lists = new(batch, heads, num_q_blocks), new(batch, heads, num_q_blocks), new(batch, heads, num_q_blocks,
-                                                                                    num_k_blocks)
-    q_lists = new(batch, heads, num_k_blocks), new(batch, heads, num_k_blocks), new(batch, heads, num_k_blocks,
-                                                                                   num_q_blocks)
+    num_kv_lists, num_q_lists = batch * heads * num_q_blocks, batch * heads * num_k_blocks
+    sizes = (1, num_kv_lists, num_kv_lists, num_kv_lists * num_k_blocks, num_q_lists, num_q_lists,
+             num_q_lists * num_q_blocks, num_kv_lists)
+    buffer = torch.zeros(sum(sizes), dtype=torch.int32, device=block_mask.device)
+    done, kv_count, kv_full, kv_index, q_count, q_full, q_index, order = buffer.split(sizes)
     mask = block_mask.view(torch.uint8)
-    stride_b = mask.stride(0) if mask_batch > 1 else 0  # a batch-1 mask serves every sequence
-    num_kv_lists = batch * heads * num_q_blocks
-    cu_q = cu_seqlens_q if varlen else kv_lists[0]  # any int32 pointer when unused
-    cu_k = cu_seqlens_k if varlen else kv_lists[0]
-    _block_lists_kernel[(num_kv_lists + batch * heads * num_k_blocks,)](
-        mask, stride_b, mask.stride(1), mask.stride(2), mask.stride(3), cu_q, cu_k, *kv_lists, *q_lists,
+    cu_q = cu_seqlens_q if varlen else done  # any int32 pointer when unused
+    cu_k = cu_seqlens_k if varlen else done
+    _block_lists_kernel[(num_kv_lists + num_q_lists,)](
+        mask, mask.stride(0) if mask_batch > 1 else 0,  # a batch-1 mask serves every sequence
+        mask.stride(1), mask.stride(2), mask.stride(3), cu_q, cu_k, done,
+        kv_count, kv_full, kv_index, q_count, q_full, q_index, order,
         num_kv_lists, heads, num_q_blocks, num_k_blocks, seqlen_q, seqlen_k, block_q, block_k,
-        CAUSAL=causal, VARLEN=varlen, WIDTH=triton.next_power_of_2(max(num_q_blocks, num_k_blocks)))
-    return kv_lists, q_lists
+        CAUSAL=causal, VARLEN=varlen, WIDTH=triton.next_power_of_2(max(num_q_blocks, num_k_blocks)),
+        NUM_CLASSES=_num_length_classes(num_k_blocks), CHUNK=256)
+    kv_shape, q_shape = (batch, heads, num_q_blocks), (batch, heads, num_k_blocks)
+    return ((kv_count.view(kv_shape), kv_full.view(kv_shape), kv_index.view(*kv_shape, num_k_blocks)),
+            (q_count.view(q_shape), q_full.view(q_shape), q_index.view(*q_shape, num_q_blocks)), order)
 
 
 def _check_layout_args(block_mask, block_q, block_k, seqlen_q, seqlen_k, cu_seqlens_q, cu_seqlens_k):

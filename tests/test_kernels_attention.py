@@ -117,14 +117,14 @@ def test_split_tiles_match_whole_blocks():
     layout = build_kernel_layout(block_mask, 32, 32, seqlen_q=64, seqlen_k=64, causal=True)
     problem = attention_module._Problem(32, 32, 64, 64, True, False)
     lists = (layout.kv_count, layout.kv_full_count, layout.kv_index, layout.q_block_order)
-    split = attention_module.Config(2, 2, 4, 1)
-    o, lse = attention_module._forward(q, k, v, *lists, None, None, problem, 0.25, config=split)
+    o, lse = attention_module._forward(q, k, v, *lists, None, None, problem, 0.25,
+                                       config=attention_module.Config(2, 2, 4, 1))
     o_ref, lse_ref = block_sparse_attention_reference(q, k, v, layout, sm_scale=0.25, return_lse=True)
     assert rel_err(o, o_ref) < 1e-5
     d_o = torch.randn_like(o)
     grads = attention_module._backward(d_o, torch.zeros_like(lse), q, k, v, o, lse, *lists, layout.q_count,
                                        layout.q_full_count, layout.q_index, None, None, problem, 0.25,
-                                       dq_config=split, dkdv_config=split)
+                                       config=attention_module.BackwardConfig(2, 2, 2, 2, 4, 1))
     grads_ref = torch.autograd.grad(o_ref, (q, k, v), d_o)
     for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert rel_err(a, b) < 1e-5, name

@@ -139,11 +139,22 @@ def test_triton_builder_matches_torch_builder(batch, block_q, block_k, seqlen_q,
     block_mask = torch.rand(batch, 2, -(-seqlen_q // block_q), -(-seqlen_k // block_k)) < 0.5
     cu = (torch.tensor([0, 50, 178, 185], dtype=torch.int32), torch.tensor([0, 96, 116, 244], dtype=torch.int32))
     args = (block_mask, block_q, block_k, seqlen_q, seqlen_k, causal) + (cu if varlen else (None, None))
-    torch_lists = layout_module._block_lists_torch(*args)
-    triton_lists = layout_module._block_lists_triton(*args)
-    for name, a, b in zip(("kv_count", "kv_full_count", "kv_index", "q_count", "q_full_count", "q_index"),
-                          torch_lists[0] + torch_lists[1], triton_lists[0] + triton_lists[1]):
+    kv_lists, q_lists, order = layout_module._build_torch(*args)
+    triton_kv_lists, triton_q_lists, triton_order = layout_module._build_triton(*args)
+    for name, a, b in zip(("kv_count", "kv_full_count", "kv_index", "q_count", "q_full_count", "q_index",
+                           "q_block_order"), kv_lists + q_lists + (order,),
+                          triton_kv_lists + triton_q_lists + (triton_order,)):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("group", [1, 4])
+def test_launch_order_kernel_matches_longest_first(group):
+    """The GPU's counting sort (run here under the interpreter) gives longest_first's order of the
+    work summed over each group of heads (the dK/dV programs under GQA), over several chunks."""
+    torch.manual_seed(5)
+    work = (torch.rand(2, 4 * group, 100) ** 3 * 90).to(torch.int32)  # many short rows, a few long ones
+    summed = work.view(2, 4, group, 100).sum(2)
+    assert torch.equal(layout_module.launch_order(work, group), layout_module.longest_first(summed.flatten()))
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -50,6 +50,21 @@ def check_against_reference(q, k, v, layout, dtype):
         assert rel_err(a, b) < grad_tol, f"{name}: {rel_err(a, b):.2e}"
 
 
+def test_gpu_layout_builder_matches_the_cpu_builder():
+    """The one-launch Triton builder (whose last program sorts the launch order after an atomic
+    count) equals the torch builder, over many builds of different sizes: a lost update or a stale
+    count would show as a different order."""
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(40):
+        batch, heads, blocks = 1 + trial % 3, 1 + trial % 5, 8 + 13 * trial
+        mask = torch.rand(batch, heads, blocks, blocks, generator=gen) < torch.rand(batch, heads, blocks, 1, generator=gen)
+        causal = bool(trial % 2)
+        cpu = build_kernel_layout(mask, 128, 128, seqlen_q=blocks * 128, seqlen_k=blocks * 128, causal=causal)
+        gpu = build_kernel_layout(mask.cuda(), 128, 128, seqlen_q=blocks * 128, seqlen_k=blocks * 128, causal=causal)
+        for name in ("kv_count", "kv_full_count", "kv_index", "q_count", "q_full_count", "q_index", "q_block_order"):
+            assert torch.equal(getattr(cpu, name), getattr(gpu, name).cpu()), (trial, name)
+
+
 @pytest.mark.parametrize("batch, heads, kv_heads, seqlen, head_dim, density, causal, dtype", [
     (1, 4, 4, 4096, 128, 0.3, False, torch.bfloat16),
     (2, 4, 1, 8192, 64, 0.5, True, torch.bfloat16),
@@ -111,20 +126,20 @@ def test_autotune_picks_a_correct_candidate(monkeypatch):
     q, k, v = random_inputs(1, 2, 2, 2000, 128, torch.bfloat16)
     layout = build_kernel_layout(random_block_mask(1, 2, 16, 0.5), 128, 128, seqlen_q=2000, seqlen_k=2000)
     check_against_reference(q, k, v, layout, torch.bfloat16)
-    assert {key[0] for key in attention_module._AUTOTUNED} == {"fwd", "dq", "dkdv"}
+    assert {key[0] for key in attention_module._AUTOTUNED} == {"fwd", "bwd"}
 
 
-def _candidate_triples():
-    """(head dim, fwd config, dq config, dkdv config): each candidate of each kernel at least once."""
+def _candidate_pairs():
+    """(head dim, fwd config, bwd config): each candidate of each pass at least once."""
     table = attention_module.CANDIDATE_CONFIGS
     for head_dim in (64, 128):
-        lists = [table[(kind, head_dim)] for kind in ("fwd", "dq", "dkdv")]
+        lists = [table[(kind, head_dim)] for kind in ("fwd", "bwd")]
         for i in range(max(map(len, lists))):
             yield (head_dim,) + tuple(configs[min(i, len(configs) - 1)] for configs in lists)
 
 
-@pytest.mark.parametrize("head_dim, fwd_config, dq_config, dkdv_config", list(_candidate_triples()))
-def test_every_candidate_config(head_dim, fwd_config, dq_config, dkdv_config):
+@pytest.mark.parametrize("head_dim, fwd_config, bwd_config", list(_candidate_pairs()))
+def test_every_candidate_config(head_dim, fwd_config, bwd_config):
     """Whatever the autotuner picks is correct. Non-causal with a sequence end inside the last block:
     the masked loop runs, and the compiled kernels are the benchmark's (shared Triton cache)."""
     seqlen = 2000
@@ -141,6 +156,6 @@ def test_every_candidate_config(head_dim, fwd_config, dq_config, dkdv_config):
     o, lse = attention_module._forward(qd, kd, vd, *lists, None, None, problem, scale, config=fwd_config)
     assert rel_err(o, o_ref) < 1e-2
     grads = attention_module._backward(d_o, torch.zeros_like(lse), qd, kd, vd, o, lse, *lists, *transposed,
-                                       None, None, problem, scale, dq_config=dq_config, dkdv_config=dkdv_config)
+                                       None, None, problem, scale, config=bwd_config)
     for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert rel_err(a, b) < 2e-2, name
