@@ -8,7 +8,7 @@ One run on one GPU, bf16, T = 16384 tokens, d_model = 2048:
 TFLOP/s count the FFN expert FLOPs actually computed: 2 * rows * d_model * (H + d_ff) per forward
 (H = 2 d_ff for SwiGLU), three times that for forward+backward; rows = routed (token, expert) pairs.
 
-    python benchmarks/moe.py [--out benchmarks/results/moe-<device>.jsonl] [--profile]
+    python benchmarks/moe.py [--out benchmarks/results/moe-<device>.jsonl] [--profile] [--only blockffn ...]
 """
 import argparse
 import statistics
@@ -19,13 +19,14 @@ import torch.nn.functional as F
 import triton
 
 from sparta.moe import MoE, MoEConfig
-from sparta.moe.dispatch import build_plan, run_local
+from sparta.moe.dispatch import build_plan, build_plan_from_mask, run_local
 
 import harness
 
 DEVICE = "cuda"
 TOKENS, D_MODEL = 16384, 2048
 TOPK_CASES = [(64, 8, 1024), (8, 2, 8192)]  # (experts, top_k, d_ff)
+SECTIONS = ("topk", "moepp", "blockffn")
 
 
 def topk_route(x, router_weight, top_k):
@@ -199,9 +200,10 @@ def bench_moepp(rec, vanilla_ms, profile):
         harness.keep_going(profile_layer, layer, x, prev_router_logits=prev_logits)
 
 
-def bench_blockffn(rec):
+def bench_blockffn(rec, profile):
     """Activation rate set through a bias feature: x[:, -1] = 1 and router column -b, so that
-    P(score > 0) = P(N(0, s^2) > b) is the target rate."""
+    P(score > 0) = P(N(0, s^2) > b) is the target rate. profile: kernel table and stage times at the
+    lowest rate, where the part of the layer that does not shrink with the rate weighs most."""
     experts, d_ff = 64, 1024
     layer = MoE(D_MODEL, MoEConfig(router="blockffn", num_experts=experts, d_ff=d_ff, activation="silu")).to(DEVICE)
     layer.experts.bfloat16()
@@ -228,32 +230,78 @@ def bench_blockffn(rec):
         times.append(fwd_bwd_ms / (1 - tls))
     spread_pct = 100 * (max(times) - min(times)) / statistics.mean(times)
     print(f"BlockFFN fwd+bwd ms / (1 - TLS): {[round(t, 2) for t in times]} (spread {spread_pct:.0f}%)", flush=True)
+    if profile:
+        harness.keep_going(profile_layer, layer, x)
+        harness.keep_going(profile_blockffn_stages, layer, x)
 
 
 def profile_layer(layer, x, **kwargs):
+    """Kernel table of fwd+bwd passes, then per pass: wall time, time the GPU spent in kernels (and how
+    many it ran), CPU time of the host thread and how much of it waited on the GPU (.item(), .tolist())."""
     grad_out = torch.randn_like(x)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            y, aux = layer(x, **kwargs)
-            torch.autograd.grad([y, aux.loss], [x] + list(layer.parameters()), [grad_out, torch.ones_like(aux.loss)],
-                                allow_unused=True)
+    inputs = [x] + list(layer.parameters())
+
+    def fwd_bwd():
+        y, aux = layer(x, **kwargs)
+        torch.autograd.grad([y, aux.loss], inputs, [grad_out, torch.ones_like(aux.loss)], allow_unused=True)
+
+    wall_ms = median_ms(fwd_bwd, 200)
+    passes = 3
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(passes):
+            fwd_bwd()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60),
+    averages = prof.key_averages()
+    print(averages.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60), flush=True)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / passes
+    cpu_ms = sum(a.self_cpu_time_total for a in averages if a.device_type == torch.autograd.DeviceType.CPU) / 1e3 / passes
+    waits = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaDeviceSynchronize")
+    wait_ms = sum(a.self_cpu_time_total for a in averages if a.key in waits) / 1e3 / passes
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), flush=True)
+    print(f"per fwd+bwd: wall {wall_ms:.3f} ms, GPU kernels {kernel_ms:.3f} ms ({len(kernels) / passes:.0f} kernels), "
+          f"CPU {cpu_ms:.3f} ms (profiled) of which {wait_ms:.3f} ms waiting for the GPU ({', '.join(waits)})",
           flush=True)
+
+
+def profile_blockffn_stages(layer, x):
+    """Forward time of each stage of the BlockFFN layer (no grad), to place the floor outside the experts."""
+    tokens, batch_shape = x[0], (1, x.shape[1])
+    with torch.no_grad():
+        routing = layer.router(tokens, batch_shape)
+        active = routing.slot_expert >= 0
+        plan = build_plan_from_mask(active, routing.slot_weight)
+        stages = {
+            "router + losses": lambda: layer.router(tokens, batch_shape),
+            "routing plan": lambda: build_plan_from_mask(active, routing.slot_weight),
+            "experts (permute, GEMMs, unpermute)": lambda: run_local(tokens, plan, layer.experts),
+            "stats": lambda: layer._stats(routing, plan, active, *batch_shape),
+            "whole layer": lambda: layer(x),
+        }
+        for name, stage in stages.items():
+            print(f"BlockFFN forward stage {name:38s} {median_ms(stage, 100):8.3f} ms", flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--profile", action="store_true", help="print kernel tables of E64 top-8 and MoE++ fwd+bwd")
+    parser.add_argument("--profile", action="store_true",
+                        help="print kernel tables of E64 top-8, MoE++ and BlockFFN (rate 0.0625) fwd+bwd")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
+                        help="run these sections only (moepp compares with topk, so it needs topk)")
     args = parser.parse_args()
+    if "moepp" in args.only and "topk" not in args.only:
+        parser.error("--only moepp needs topk too: MoE++ is compared with the E64 top-8 layer's time")
     out = args.out or harness.results_path("moe")
     torch.manual_seed(0)
     rec = Recorder(out)
-    vanilla_ms = harness.keep_going(bench_topk, rec, args.profile) or {}
-    if TOPK_CASES[0] in vanilla_ms:
-        harness.keep_going(bench_moepp, rec, vanilla_ms, args.profile)
-    harness.keep_going(bench_blockffn, rec)
+    if "topk" in args.only:
+        vanilla_ms = harness.keep_going(bench_topk, rec, args.profile) or {}
+        if "moepp" in args.only and TOPK_CASES[0] in vanilla_ms:
+            harness.keep_going(bench_moepp, rec, vanilla_ms, args.profile)
+    if "blockffn" in args.only:
+        harness.keep_going(bench_blockffn, rec, args.profile)
     print(f"records appended to {out}; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 

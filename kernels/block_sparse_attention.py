@@ -110,7 +110,8 @@ def _tile_coordinates(pid, ORDER, CU_Q, CU_K, num_heads, num_blocks, group, rows
     return row, batch, head, block, sub, q_row0, k_row0, len_q, len_k
 
 
-# Integer sizes are not specialised (divisibility, ==1): one compiled kernel per tile shape and dtype.
+# The forward does not specialise integer sizes (divisibility, ==1): one compiled kernel per tile shape
+# and dtype.
 _SIZES = ["num_heads", "num_q_blocks", "num_k_blocks", "group", "rows_q", "rows_k", "seqlen_q", "seqlen_k"]
 
 

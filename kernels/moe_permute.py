@@ -53,15 +53,22 @@ def _gather_rows_kernel(
 @triton.jit
 def _gather_sum_kernel(
     src_ptr, pos_ptr, out_ptr, num_tokens, S, D, stride_src, stride_out,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """out[t] = sum of src[pos[t, j]] over the slots j with pos[t, j] >= 0. The loop stops at the last
+    used slot of the block's tokens: with each token's rows first (`build_plan_from_mask`), it runs over
+    the rows a token has, not over all S slots."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     token_mask = tokens < num_tokens
     col_mask = cols < D
+    slots = tl.arange(0, BLOCK_S)
+    pos_rows = pos_ptr + tokens.to(tl.int64) * S
+    pos = tl.load(pos_rows[:, None] + slots[None, :], mask=token_mask[:, None] & (slots < S)[None, :], other=-1)
+    num_slots = tl.max(tl.max(tl.where(pos >= 0, slots[None, :] + 1, 0), axis=1), axis=0)
     acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-    for j in range(S):
-        rows = tl.load(pos_ptr + tokens.to(tl.int64) * S + j, mask=token_mask, other=-1)
+    for j in range(num_slots):
+        rows = tl.load(pos_rows + j, mask=token_mask, other=-1)
         mask = (rows >= 0)[:, None] & col_mask[None, :]
         values = tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + cols[None, :], mask=mask, other=0.0)
         acc += values.to(tl.float32)
@@ -177,7 +184,7 @@ def _gather_sum(src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     block_t, block_d = _row_blocks(num_tokens, src.shape[1], max_cols=2048, elements=4096)
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(src.shape[1], block_d))
     _gather_sum_kernel[grid](src, pos, out, num_tokens, slots, src.shape[1], src.stride(0), out.stride(0),
-                             BLOCK_T=block_t, BLOCK_D=block_d)
+                             BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(slots))
     return out
 
 

@@ -7,6 +7,7 @@ interpreter; the tests compare the fast kernels with them.
 Conventions shared with the kernels (the "routing plan" of `sparta.moe.dispatch`):
 - a token `t` has `S` routing slots; `token_pos[t, j]` is the row of slot `j` in the expert-sorted
   buffer, or -1 when the slot uses no FFN expert (zero-computation expert, dropped, inactive);
+  only the set of a token's rows matters, so a plan may reorder them (BlockFFN's lists them first);
 - `row_token[r]` is the token that row `r` of the buffer came from, or -1 for a padding row: to
   avoid a host synchronisation the buffer may have more rows than routed slots, padding last;
 - `offs[g]` is the cumulative end row of group (expert) `g`, int32, as `torch._grouped_mm` takes it;

@@ -1,11 +1,13 @@
 """Dispatch: sort the routed slots by expert, run the experts, sum the results back per token.
 
 `build_plan` turns the router's slots into a `RoutingPlan` (the maps between tokens and
-expert-sorted rows, see `sparta.kernels.moe_permute`). `run_local` runs all experts on this rank;
-`run_expert_parallel` shards them over an expert-parallel process group: expert-sorted rows are
-already grouped by destination rank (experts are split in contiguous ranges), so one
-`all_to_all_single` of the per-expert counts, then one of the rows (and their routing weights),
-carries every row to the rank that owns its expert; the results come back in the same order.
+expert-sorted rows, see `sparta.kernels.moe_permute`); `build_plan_from_mask` does it for BlockFFN,
+whose router gives a [tokens, experts] mask rather than k slots per token. `run_local` runs all
+experts on this rank; `run_expert_parallel` shards them over an expert-parallel process group:
+expert-sorted rows are already grouped by destination rank (experts are split in contiguous
+ranges), so one `all_to_all_single` of the per-expert counts, then one of the rows (and their
+routing weights), carries every row to the rank that owns its expert; the results come back in
+the same order.
 """
 from dataclasses import dataclass
 
@@ -18,7 +20,7 @@ from sparta.kernels.moe_permute import permute, unpermute
 @dataclass
 class RoutingPlan:
     row_token: torch.Tensor        # [R] int32: token of each expert-sorted row, -1 = padding row (at the end)
-    token_pos: torch.Tensor        # [T, S] int32: row of each slot, -1 = not computed by an FFN expert
+    token_pos: torch.Tensor        # [T, S] int32: rows of each token's slots, -1 = not computed by an FFN expert
     row_weight: torch.Tensor       # [R] fp32 routing weight of each row, 0 for padding (differentiable)
     counts: torch.Tensor           # [E] int64 rows per expert
     offs: torch.Tensor             # [E] int32 cumulative end row per expert; offs[-1] = real rows
@@ -26,14 +28,12 @@ class RoutingPlan:
 
 
 def build_plan(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts: int,
-               capacity: int | None = None, exact_rows: bool = False) -> RoutingPlan:
+               capacity: int | None = None) -> RoutingPlan:
     """Sort the slots that go to FFN experts (ids in [0, num_experts)) by expert, in token order.
 
     capacity: keep at most that many slots per expert, the first tokens first (GShard / Switch);
     None = dropless. The buffer has one row per slot (T*S), real rows first and padding rows after,
-    so nothing waits for the GPU; exact_rows=True sizes it to the real rows instead, at the cost of
-    one host synchronisation (for BlockFFN, whose S = E slots per token would make T*S rows far
-    larger than the few experts each token uses).
+    so nothing waits for the GPU.
     """
     num_tokens, slots = slot_expert.shape
     flat = slot_expert.reshape(-1)
@@ -50,10 +50,8 @@ def build_plan(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts
         dropped_fraction = (routed & ~kept).sum() / routed.sum().clamp_min(1)
         key = torch.where(kept, flat, num_experts)
         sorted_key, order = torch.sort(key, stable=True)
-    num_rows = int((key < num_experts).sum()) if exact_rows else flat.numel()
-    sorted_key, order = sorted_key[:num_rows], order[:num_rows]
     real = sorted_key < num_experts
-    rows = torch.arange(num_rows, dtype=torch.int32, device=flat.device)
+    rows = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
     token_pos = torch.full_like(flat, -1, dtype=torch.int32)
     token_pos[order] = torch.where(real, rows, -1)
     ends = torch.searchsorted(sorted_key, torch.arange(1, num_experts + 1, device=flat.device))
@@ -64,6 +62,38 @@ def build_plan(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts
         counts=torch.diff(ends, prepend=ends.new_zeros(1)),
         offs=ends.to(torch.int32),
         dropped_fraction=dropped_fraction.float(),
+    )
+
+
+def build_plan_from_mask(active: torch.Tensor, weight: torch.Tensor) -> RoutingPlan:
+    """The plan of a router that chooses experts by a mask: BlockFFN, whose token t uses expert e
+    iff active[t, e] ([T, E] bool), with weight[t, e] ([T, E] fp32, differentiable).
+
+    Its rows are the active pairs, by expert then token: exactly `active.T.nonzero()`. That sizes
+    the buffer to the real rows, at the cost of one host synchronisation (inside nonzero): with
+    one slot per expert, T*E padded rows would cost far more than the few experts a token uses.
+    Nothing sorts the T*E slots or scans them along the tokens (a scan over T with only E columns
+    to share out runs nearly serially on a GPU); what follows the synchronisation is R-sized, and
+    the only differentiable op is the gather of the R row weights. token_pos lists each token's
+    rows first (ascending), then -1, so the un-permutation loops over the rows a token has, not
+    over all E slots. Dropless: dropped_fraction is 0.
+    """
+    num_tokens, num_experts = active.shape
+    counts = active.sum(0)
+    offs, dropped_fraction = counts.cumsum(0).to(torch.int32), torch.zeros((), device=active.device)
+    slot_of_pair = active.cumsum(1) - 1  # place of an active pair among its token's pairs
+    token_pos = torch.full((num_tokens, num_experts), -1, dtype=torch.int32, device=active.device)
+    row_expert, row_token = active.t().nonzero().unbind(1)  # the synchronisation: the rest is launched before it
+    pair = row_expert.add(row_token, alpha=num_experts)  # flat index of (token, expert)
+    token_pos[row_token, slot_of_pair.view(-1)[pair]] = torch.arange(
+        row_token.shape[0], dtype=torch.int32, device=active.device)
+    return RoutingPlan(
+        row_token=row_token.to(torch.int32),
+        token_pos=token_pos,
+        row_weight=weight.reshape(-1).gather(0, pair),
+        counts=counts,
+        offs=offs,
+        dropped_fraction=dropped_fraction,
     )
 
 

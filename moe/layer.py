@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import MoEConfig
-from .dispatch import build_plan, run_expert_parallel, run_local
+from .dispatch import build_plan, build_plan_from_mask, run_expert_parallel, run_local
 from .experts import DenseFFN, GroupedExperts, ZeroComputationExperts
 from .metrics import experts_used, routing_stats
 from .routers import ROUTER_CLASSES
@@ -82,11 +82,15 @@ class MoE(nn.Module):
         tokens = x.reshape(batch * seq, self.d_model)
         routing = self.router(tokens, (batch, seq), prev_router_logits)
 
-        capacity = None
-        if cfg.capacity_factor is not None:
-            capacity = math.ceil(cfg.capacity_factor * tokens.shape[0] * cfg.top_k / cfg.num_experts)
-        plan = build_plan(routing.slot_expert, routing.slot_weight, cfg.num_experts, capacity,
-                          exact_rows=cfg.router == "blockffn")
+        if cfg.router == "blockffn":
+            computed = routing.slot_expert >= 0  # slot e is expert e
+            plan = build_plan_from_mask(computed, routing.slot_weight)
+        else:
+            capacity = None
+            if cfg.capacity_factor is not None:
+                capacity = math.ceil(cfg.capacity_factor * tokens.shape[0] * cfg.top_k / cfg.num_experts)
+            plan = build_plan(routing.slot_expert, routing.slot_weight, cfg.num_experts, capacity)
+            computed = experts_used(routing.slot_expert, plan.token_pos >= 0, cfg.num_experts)
         if self.ep_group is None:
             y = run_local(tokens, plan, self.experts)
         else:
@@ -96,16 +100,16 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(tokens)
 
-        stats, expert_load = self._stats(routing, plan, batch, seq)
+        stats, expert_load = self._stats(routing, plan, computed, batch, seq)
         aux = MoEAux(loss=sum(routing.losses.values()), losses=routing.losses, stats=stats,
                      expert_load=expert_load, router_logits=routing.logits.view(batch, seq, -1))
         return y.view(batch, seq, self.d_model), aux
 
     @torch.no_grad()
-    def _stats(self, routing, plan, batch: int, seq: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _stats(self, routing, plan, computed, batch: int, seq: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """computed [T, E] bool: the FFN experts each token was computed by (after capacity drops)."""
         cfg = self.config
         slot_expert = routing.slot_expert
-        computed = experts_used(slot_expert, plan.token_pos >= 0, cfg.num_experts)
         stats = routing_stats(computed.view(batch, seq, -1), routing.probs)
         stats["dropped_fraction"] = plan.dropped_fraction
         if cfg.router == "moepp":
@@ -114,8 +118,10 @@ class MoE(nn.Module):
             for name, lo, hi in (("zero", cfg.num_experts, first_copy), ("copy", first_copy, first_constant),
                                  ("constant", first_constant, cfg.total_experts)):
                 stats[f"{name}_fraction"] = ((slot_expert >= lo) & (slot_expert < hi)).any(-1).float().mean()
-        routed = experts_used(slot_expert, torch.ones_like(slot_expert, dtype=torch.bool), cfg.num_experts)
-        return stats, routed.float().mean(0)
+        routed = computed
+        if cfg.capacity_factor is not None:  # the load counts the tokens dropped too
+            routed = experts_used(slot_expert, torch.ones_like(slot_expert, dtype=torch.bool), cfg.num_experts)
+        return stats, routed.mean(0, dtype=torch.float32)
 
     def update_expert_bias(self, group=None) -> None:
         """Aux-loss-free balancing step (router="topk", bias_update_rate > 0): call after each

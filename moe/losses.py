@@ -30,13 +30,16 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def heterogeneous_load_balance_loss(probs: torch.Tensor, selected: torch.Tensor, num_ffn_experts: int,
                                     tau: float) -> torch.Tensor:
-    """MoE++ heterogeneous load balance `sum_i eta_i * f_i * P_i` (Jin et al. 2024, "MoE++",
-    arXiv:2410.07348, sec. 3.3; loss weight beta = 0.01 there).
+    """MoE++ heterogeneous load balance `L_b = sum_i eta_i * f_i * P_i` (Jin et al. 2024, "MoE++",
+    arXiv:2410.07348, sec. 3.3, eq. 7).
 
-    f_i = (1/T) * #tokens that select expert i, P_i = (1/T) * sum_t softmax_i(x_t), over the N FFN
-    experts followed by the zero-computation experts; eta_i = 1 for an FFN expert and tau for a
-    zero-computation expert, so tau < 1 lets the router send more tokens to the cheap experts.
-    (The reference repository SkyworkAI/MoE-plus-plus ships the model code only, no training loss.)
+    Eq. 7: f_i = (1/T) sum_t 1(token x_t selects expert i), P_i = (1/T) sum_t Softmax(G(x_t))_i, over
+    all N experts (the FFN experts followed by the zero-computation experts here); eta_i = 1 for an
+    FFN expert and tau for a zero-computation expert, so tau < 1 lets the router send more tokens
+    to the cheap experts. No factor N (unlike Switch's): with top-k, sum_i f_i = k. The training
+    loss is L_ce + beta * L_b (eq. 9), beta = 0.01 (appendix B.2), and tau = 0.75 by default
+    (sec. 4.3). (The reference repository SkyworkAI/MoE-plus-plus ships the model code only, no
+    training loss.)
     """
     num_tokens, num_experts = probs.shape
     fraction = _selection_counts(selected, num_experts) / num_tokens
@@ -76,5 +79,5 @@ def chunk_sparsity_loss(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
     pad = -seq % chunk_size
     if pad:
         probs = F.pad(probs, (0, 0, 0, pad), value=1e-5)
-    log_unused = torch.log(1.0 - probs + 1e-5).view(batch, -1, chunk_size, experts).sum(dim=2)
+    log_unused = torch.log1p(1e-5 - probs).view(batch, -1, chunk_size, experts).sum(dim=2)
     return 1.0 - torch.exp(log_unused).mean()

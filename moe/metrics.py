@@ -6,6 +6,7 @@ uses: the experts a chunk-wise inference kernel (BlockFFN) could skip. Chunks ar
 a trailing partial chunk counts as a chunk.
 """
 import torch
+import torch.nn.functional as F
 
 CLS_CHUNK_SIZES = (2, 4, 8, 16, 32, 64)  # each twice the previous one: CLS is built by halving
 
@@ -23,18 +24,17 @@ def chunk_level_sparsity(used: torch.Tensor) -> torch.Tensor:
     """CLS for every size of CLS_CHUNK_SIZES ([6] fp32) from used [B, S, E] bool."""
     batch, seq, experts = used.shape
     pad = -seq % CLS_CHUNK_SIZES[-1]
-    chunk_used = torch.cat([used, used.new_zeros(batch, pad, experts)], dim=1)
-    sparsity = []
+    chunk_used = F.pad(used, (0, 0, 0, pad)) if pad else used
+    used_share = []
     for size in CLS_CHUNK_SIZES:
-        chunk_used = chunk_used.view(batch, -1, 2, experts).any(dim=2)
-        real_chunks = -(-seq // size)
-        sparsity.append(1.0 - chunk_used[:, :real_chunks].float().mean())
-    return torch.stack(sparsity)
+        chunk_used = chunk_used.reshape(batch, -1, 2, experts).any(dim=2)
+        used_share.append(chunk_used[:, :-(-seq // size)].mean(dtype=torch.float32))
+    return 1.0 - torch.stack(used_share)
 
 
 def router_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Mean entropy (nats) of the per-token routing distribution."""
-    return -torch.special.xlogy(probs, probs).sum(-1).mean()
+    """Mean entropy (nats) of the per-token routing distribution, probs [T, E]."""
+    return torch.special.entr(probs).sum() / probs.shape[0]
 
 
 @torch.no_grad()
@@ -44,9 +44,8 @@ def routing_stats(used: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Te
     used [B, S, E] bool: FFN experts each token was computed by; probs [T, E_router]: routing
     distribution (MoE++: over FFN and zero-computation experts).
     """
-    used_share = used.float().mean()
+    used_share = used.mean(dtype=torch.float32)
     stats = {"tls": 1.0 - used_share, "ffn_experts_per_token": used_share * used.shape[-1]}
-    for size, value in zip(CLS_CHUNK_SIZES, chunk_level_sparsity(used)):
-        stats[f"cls{size}"] = value
+    stats.update(zip((f"cls{size}" for size in CLS_CHUNK_SIZES), chunk_level_sparsity(used).unbind()))
     stats["router_entropy"] = router_entropy(probs)
     return stats

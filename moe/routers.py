@@ -106,12 +106,12 @@ class BlockFFNRouter(nn.Module):
     def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None) -> Routing:
         cfg = self.config
         raw = _router_logits(x, self.weight)
-        active_scores = F.relu(raw)
-        normed = active_scores * torch.rsqrt(active_scores.square().mean(-1, keepdim=True) + cfg.router_norm_eps)
+        normed = F.rms_norm(F.relu(raw), (cfg.num_experts,), eps=cfg.router_norm_eps)
         weights = normed * self.norm_weight.float()
         probs = normed / (normed.sum(-1, keepdim=True) + 1e-5)
-        experts = torch.arange(cfg.num_experts, device=x.device).expand_as(weights)
-        slot_expert = torch.where(weights != 0, experts, -1)
+        # Active = non-zero ReLU output, whatever the learnable scale g: an expert whose g is 0 still
+        # runs, so that g gets its gradient.
+        slot_expert = torch.where(normed > 0, torch.arange(cfg.num_experts, device=x.device), -1)
         losses = {
             "activation_locality": cfg.locality_coef
             * activation_locality_loss(raw.view(*batch_shape, -1), cfg.locality_sharpness),

@@ -12,6 +12,7 @@ import torch
 from sparta.kernels.grouped_gemm import grouped_mm
 from sparta.kernels.moe_permute import permute, unpermute, weighted_activation
 from sparta.kernels.moe_reference import grouped_mm_reference
+from sparta.moe.dispatch import build_plan_from_mask
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="CPU interpreter tests; tests/gpu/test_moe_gpu.py runs these kernels on CUDA")
@@ -116,6 +117,30 @@ def test_triton_permute_unpermute_match_reference(dtype, padded):
     for what, fast, ref in zip(("rows", "y", "dx"), results[True], results[False]):
         assert_close(fast, ref, dtype, what)
     assert torch.equal(results[True][0], x[row_token[:real].long()])
+
+
+def test_triton_unpermute_with_mask_plan_stops_at_each_blocks_last_row():
+    """BlockFFN's plan lists each token's rows first; the sum loops only up to the last used slot of
+    its token block. Width 2048 makes blocks of 32 tokens here: block 0 has no active expert,
+    block 1 few, block 2 about half of the experts, block 3 all of them."""
+    g = torch.Generator().manual_seed(3)
+    num_tokens, experts, width = 128, 8, 2048
+    density = torch.tensor([0.0, 0.1, 0.5, 1.0]).repeat_interleave(32)[:, None]
+    active = torch.rand(num_tokens, experts, generator=g) < density
+    plan = build_plan_from_mask(active, torch.rand(num_tokens, experts, generator=g))
+    x = torch.randn(num_tokens, width, generator=g)
+    row_scale = torch.randn(plan.row_token.shape[0], 1, generator=g)
+    grad_y = torch.randn(num_tokens, width, generator=g)
+    results = {}
+    for use_triton in (True, False):
+        x_in = x.clone().requires_grad_()
+        rows = permute(x_in, plan.row_token, plan.token_pos, use_triton=use_triton)
+        y = unpermute(rows * row_scale, plan.row_token, plan.token_pos, use_triton=use_triton)
+        y.backward(grad_y)
+        results[use_triton] = (y, x_in.grad)
+    for what, fast, ref in zip(("y", "dx"), results[True], results[False]):
+        assert_close(fast, ref, torch.float32, what)
+    assert torch.equal(results[True][0][:32], torch.zeros(32, width))
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu", "gelu", "silu"])

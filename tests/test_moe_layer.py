@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sparta.kernels.moe_reference import activation_reference, moe_ffn_token_loop
 from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig
-from sparta.moe.dispatch import build_plan
+from sparta.moe.dispatch import build_plan, build_plan_from_mask
 from sparta.moe.metrics import chunk_level_sparsity, routing_stats
 
 CONFIGS = {
@@ -110,11 +110,27 @@ def test_build_plan_hand_case():
     assert plan.token_pos.tolist() == [[2, -1], [0, 3], [-1, 1]]
     assert plan.offs.tolist() == [2, 4] and plan.counts.tolist() == [2, 2]
     torch.testing.assert_close(plan.row_weight, torch.tensor([0.3, 0.6, 0.1, 0.4, 0.0, 0.0]))
-    exact = build_plan(slot_expert, slot_weight, num_experts=2, exact_rows=True)
-    assert exact.row_token.tolist() == [1, 2, 0, 1] and exact.token_pos.tolist() == plan.token_pos.tolist()
     capped = build_plan(slot_expert, slot_weight, num_experts=2, capacity=1)
     assert capped.row_token.tolist() == [1, 0, -1, -1, -1, -1]  # first token of each expert kept
     assert capped.dropped_fraction.item() == pytest.approx(2 / 4)
+
+
+def test_build_plan_from_mask_hand_case():
+    active = torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
+    weight = (10 * torch.arange(3.0)[:, None] + torch.arange(1.0, 4.0)).requires_grad_()  # w[t, e] = 10 t + e + 1
+    plan = build_plan_from_mask(active, weight)
+    # Rows by expert, then token: (e0: t0, t2), (e1: t2), (e2: t0, t1); no padding rows.
+    assert plan.row_token.tolist() == [0, 2, 2, 0, 1]
+    assert plan.counts.tolist() == [2, 1, 2] and plan.offs.tolist() == [2, 3, 5]
+    assert plan.token_pos.tolist() == [[0, 3, -1], [4, -1, -1], [1, 2, -1]]  # each token's rows, then -1
+    assert plan.row_token.dtype == plan.token_pos.dtype == plan.offs.dtype == torch.int32
+    assert plan.row_weight.tolist() == [1.0, 21.0, 22.0, 3.0, 13.0]
+    plan.row_weight.sum().backward()
+    assert torch.equal(weight.grad, active.float())
+    assert plan.dropped_fraction.item() == 0.0
+    empty = build_plan_from_mask(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3))
+    assert empty.row_token.numel() == 0 and empty.offs.tolist() == [0, 0, 0]
+    assert empty.token_pos.tolist() == [[-1] * 3] * 2
 
 
 def basis_tokens(expert_of_token, width):
@@ -171,6 +187,18 @@ def test_chunk_level_sparsity_on_constructed_patterns():
     torch.testing.assert_close(chunk_level_sparsity(used[:, :5])[1], torch.tensor(1 - 1 / 8))
 
 
+def test_chunk_level_sparsity_matches_chunk_by_chunk_count():
+    """Batch of 2 sequences of 70 tokens (partial trailing chunks at every size but 2): CLS against
+    a plain loop over the chunks of each sequence."""
+    g = torch.Generator().manual_seed(4)
+    used = torch.rand(2, 70, 5, generator=g) < torch.tensor([0.02, 0.3])[:, None, None]
+    expected = []
+    for size in CLS_CHUNK_SIZES:
+        chunks = [used[b, start:start + size].any(0) for b in range(2) for start in range(0, 70, size)]
+        expected.append(1 - torch.stack(chunks).float().mean())
+    torch.testing.assert_close(chunk_level_sparsity(used), torch.stack(expected))
+
+
 def test_layer_reports_cls_of_its_routing():
     experts = 8
     cfg = MoEConfig(router="topk", num_experts=experts, top_k=1, d_ff=8)
@@ -212,6 +240,31 @@ def test_blockffn_token_with_no_active_expert_gets_zero():
     assert aux.stats["ffn_experts_per_token"].item() == 1.0  # (0 + 2) / 2
     assert set(aux.losses) == {"activation_locality", "chunk_sparsity"}
     torch.testing.assert_close(aux.loss, aux.losses["activation_locality"] + aux.losses["chunk_sparsity"])
+
+
+def test_blockffn_without_any_active_expert():
+    layer = MoE(4, MoEConfig(router="blockffn", num_experts=4, d_ff=8))
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(4))
+    x = -torch.rand(1, 3, 4).add(0.1).requires_grad_()  # every router score < 0
+    y, aux = layer(x)
+    assert torch.equal(y, torch.zeros(1, 3, 4))
+    assert aux.stats["tls"].item() == 1.0 and aux.stats["cls64"].item() == 1.0
+    (y.sum() + aux.loss).backward()
+    assert torch.equal(layer.experts.w_in.grad, torch.zeros_like(layer.experts.w_in))
+
+
+def test_blockffn_expert_with_zero_scale_still_runs_and_learns_its_scale():
+    torch.manual_seed(3)
+    layer = MoE(12, CONFIGS["blockffn-silu"])
+    with torch.no_grad():
+        layer.router.norm_weight[2] = 0.0
+    x = torch.randn(2, 9, 12)
+    y, aux = layer(x)
+    assert aux.expert_load[2] > 0  # computed: its ReLU output is non-zero for some tokens
+    assert relative_error(y, token_loop_reference(layer, x)) < 1e-5
+    (y * torch.randn_like(y)).sum().backward()
+    assert layer.router.norm_weight.grad[2] != 0
 
 
 def test_aux_free_bias_update_through_layer():

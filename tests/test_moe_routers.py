@@ -97,6 +97,9 @@ def test_heterogeneous_load_balance_value_and_gradient():
     assert loss.item() == pytest.approx(1 * f[0] * P[0] + 1 * f[1] * P[1] + tau * f[2] * P[2])
     loss.backward()
     torch.testing.assert_close(probs.grad, torch.tensor([[0.25, 0.0, 0.1875]] * 2))  # eta_i f_i / T
+    # tau = 1 treats every expert alike: with top-1, the Switch loss without its factor E (eq. 7 has none).
+    untyped = heterogeneous_load_balance_loss(probs, selected, num_ffn_experts=2, tau=1.0)
+    torch.testing.assert_close(untyped, switch_load_balance_loss(probs, selected) / 3)
 
 
 def test_activation_locality_value_and_gradient():
