@@ -15,8 +15,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def commit() -> str:
-    """The checked-out commit (`-dirty` when the tree has changes). Where the git history is absent (the
-    device tool copies only the working tree), the caller passes the commit of that tree as $SPARTA_COMMIT."""
+    """$SPARTA_COMMIT when the caller sets it (the device tool copies the working tree, and the git data
+    that comes with it may name another commit), else the checked-out commit (`-dirty` when the tree
+    has changes)."""
+    if "SPARTA_COMMIT" in os.environ:
+        return os.environ["SPARTA_COMMIT"]
     git = ["git", "-C", str(Path(__file__).parent)]
     try:
         head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -25,7 +28,7 @@ def commit() -> str:
                                text=True, check=True).stdout.strip()
         return f"{head}-dirty" if dirty else head
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return os.environ.get("SPARTA_COMMIT", "uncommitted")
+        return "uncommitted"
 
 
 def metadata(bench: str) -> dict:
