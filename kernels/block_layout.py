@@ -192,13 +192,15 @@ def _launch_order_kernel(WORK, ORDER, num_items, group, num_blocks, NUM_CLASSES:
     _longest_first_order(WORK, ORDER, num_items, group, num_blocks, NUM_CLASSES, CHUNK)
 
 
-def launch_order(work: torch.Tensor, group: int = 1) -> torch.Tensor:
+def launch_order(work: torch.Tensor, max_count: int, group: int = 1) -> torch.Tensor:
     """`longest_first` on the GPU in one launch (int32), with the work of `group` consecutive rows
-    summed: work [B, H * group, blocks] -> order over [B, H, blocks] (dK/dV programs under GQA)."""
+    summed: work [B, H * group, blocks] -> order over [B, H, blocks] (dK/dV programs under GQA).
+    max_count bounds every entry of work (for the transposed lists: the number of query blocks); it
+    sizes the class table, and an entry above it would lose its item."""
     num_items = work.numel() // group
     order = torch.empty(num_items, dtype=torch.int32, device=work.device)
     _launch_order_kernel[(1,)](work, order, num_items, group, work.shape[-1],
-                               NUM_CLASSES=_num_length_classes(work.shape[-1] * group), CHUNK=256, num_warps=4)
+                               NUM_CLASSES=_num_length_classes(max_count * group), CHUNK=256, num_warps=4)
     return order
 
 
@@ -214,7 +216,7 @@ def _block_lists_kernel(MASK, stride_b, stride_h, stride_q, stride_k, CU_Q, CU_K
                         NUM_CLASSES: tl.constexpr, CHUNK: tl.constexpr):
     """One program per list. Programs below num_kv_lists list the key blocks of one query block; the
     others list the query blocks of one key block (transposed layout). Same classification as
-    _block_lists_torch; the order (full, partial, absent) comes from running counts. The program
+    _build_torch; the order (full, partial, absent) comes from running counts. The program
     that finishes last writes the launch order of the key lists (so the whole layout is one launch)."""
     pid = tl.program_id(0)
     is_kv_list = pid < num_kv_lists

@@ -379,9 +379,9 @@ def _config(kind: str, q: torch.Tensor, block_q: int, block_k: int, launch):
     Under the Triton interpreter (CPU tests) tiles are whole blocks: there each program costs time.
     """
     table_key = (kind, 128 if q.shape[-1] > 64 else 64)
-    if q.device.type != "cuda":  # every split 1, then num_warps=4, num_stages=1
+    if q.device.type != "cuda":
         tuned = TUNED_CONFIGS[table_key]
-        return tuned._make([1] * (len(tuned) - 2) + [4, 1])
+        return tuned._replace(**{name: 1 for name in tuned._fields if "split" in name}, num_warps=4, num_stages=1)
     if os.environ.get("SPARTA_ATTENTION_AUTOTUNE") != "1":
         return _fit(TUNED_CONFIGS[table_key], block_q, block_k)
     key = (kind, q.shape[-1], q.dtype, block_q, block_k, torch.cuda.get_device_name(q.device))
@@ -466,7 +466,7 @@ def _backward(do, dlse, q, k, v, o, lse, kv_count, kv_full_count, kv_index, q_bl
     scalars, batch_repeat = _common_args(q, k, layout_batch, problem, num_q_blocks, num_k_blocks)
     cu_q, cu_k = _cu_or_any(cu_seqlens_q, kv_count), _cu_or_any(cu_seqlens_k, kv_count)
     # dK/dV programs, one per (layout batch, kv head, key block), longest summed query lists first.
-    kv_order = launch_order(q_count, group=q.shape[1] // k.shape[1])
+    kv_order = launch_order(q_count, num_q_blocks, group=q.shape[1] // k.shape[1])
 
     def launch(cfg: BackwardConfig):
         dq_m, dq_n = problem.block_q // cfg.dq_split_m, problem.block_k // cfg.dq_split_n

@@ -147,14 +147,17 @@ def test_triton_builder_matches_torch_builder(batch, block_q, block_k, seqlen_q,
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("group", [1, 4])
-def test_launch_order_kernel_matches_longest_first(group):
+@pytest.mark.parametrize("group, blocks, max_count", [(1, 100, 90), (4, 100, 90), (2, 3, 60)])
+def test_launch_order_kernel_matches_longest_first(group, blocks, max_count):
     """The GPU's counting sort (run here under the interpreter) gives longest_first's order of the
-    work summed over each group of heads (the dK/dV programs under GQA), over several chunks."""
+    work summed over each group of heads (the dK/dV programs under GQA), over several chunks, also
+    when counts exceed the number of blocks per row (more query blocks than key blocks)."""
     torch.manual_seed(5)
-    work = (torch.rand(2, 4 * group, 100) ** 3 * 90).to(torch.int32)  # many short rows, a few long ones
-    summed = work.view(2, 4, group, 100).sum(2)
-    assert torch.equal(layout_module.launch_order(work, group), layout_module.longest_first(summed.flatten()))
+    work = (torch.rand(2, 4 * group, blocks) ** 3 * max_count).to(torch.int32)  # many short rows, a few long ones
+    work[0, 0, 0] = max_count
+    summed = work.view(2, 4, group, blocks).sum(2)
+    assert torch.equal(layout_module.launch_order(work, max_count, group),
+                       layout_module.longest_first(summed.flatten()))
 
 
 @pytest.mark.parametrize("kwargs, name", [
