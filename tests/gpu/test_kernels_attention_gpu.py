@@ -79,6 +79,17 @@ def test_matches_reference(batch, heads, kv_heads, seqlen, head_dim, density, ca
     check_against_reference(q, k, v, layout, dtype)
 
 
+def test_many_more_query_blocks_than_key_blocks():
+    """32 query blocks over 2 key blocks (GQA): the dK/dV launch order sorts lists of up to 64 query
+    blocks per key/value head, far longer than the 2 blocks per row of the transposed layout."""
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, 4096, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    block_mask = torch.ones(1, 4, 32, 2, dtype=torch.bool, device="cuda")
+    layout = build_kernel_layout(block_mask, 128, 128, seqlen_q=4096, seqlen_k=256)
+    check_against_reference(q, k, v, layout, torch.bfloat16)
+
+
 def test_varlen_matches_reference():
     lengths = [1000, 5000, 3000, 7192]
     cu = torch.tensor([0, 1000, 6000, 9000, 16192], dtype=torch.int32, device="cuda")
