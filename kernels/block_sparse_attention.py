@@ -358,13 +358,13 @@ TUNED_CONFIGS = {
     ("fwd", 64): Config(1, 1, 4, 3),
     ("fwd", 128): Config(1, 1, 8, 2),
     ("bwd", 64): BackwardConfig(2, 2, 2, 2, 4, 3),
-    ("bwd", 128): BackwardConfig(1, 2, 2, 1, 8, 2),
+    ("bwd", 128): BackwardConfig(1, 1, 2, 1, 8, 2),
 }
 CANDIDATE_CONFIGS = {
     ("fwd", 64): [Config(1, 1, 8, 3), Config(1, 1, 4, 3), Config(1, 1, 8, 2), Config(1, 2, 8, 3), Config(1, 2, 8, 4)],
     ("fwd", 128): [Config(1, 2, 8, 3), Config(1, 1, 8, 2), Config(1, 1, 8, 3), Config(1, 2, 8, 4)],
     ("bwd", 64): [BackwardConfig(2, 2, 2, 2, 4, 3), BackwardConfig(1, 2, 2, 1, 8, 3), BackwardConfig(2, 2, 2, 1, 8, 3)],
-    ("bwd", 128): [BackwardConfig(1, 2, 2, 1, 8, 2), BackwardConfig(1, 2, 2, 1, 8, 3),
+    ("bwd", 128): [BackwardConfig(1, 1, 2, 1, 8, 2), BackwardConfig(1, 2, 2, 1, 8, 2), BackwardConfig(1, 2, 2, 1, 8, 3),
                    BackwardConfig(2, 2, 4, 1, 8, 3)],
 }
 
