@@ -212,7 +212,7 @@ def bench_blockffn(rec, profile):
     x = x.bfloat16().requires_grad_()
     normal = torch.distributions.Normal(0.0, 1.0)
     spread = layer.router.weight[:, :-1].norm(dim=1).mean().item()
-    times = []
+    densities, fwd_bwd_times = [], []
     for rate in (0.5, 0.25, 0.125, 0.0625):
         with torch.no_grad():
             layer.router.weight[:, -1] = -spread * normal.icdf(torch.tensor(1.0 - rate)).item()
@@ -227,9 +227,14 @@ def bench_blockffn(rec, profile):
             rec.record(case, "sparta", pass_, ms, rows * flops_per_row / ms / 1e9, tokens=TOKENS, ffn_rows=rows,
                        tls=round(tls, 4), cls8=round(aux.stats["cls8"].item(), 4),
                        cls64=round(aux.stats["cls64"].item(), 4), ms_per_density=round(ms / (1 - tls), 3))
-        times.append(fwd_bwd_ms / (1 - tls))
+        densities.append(1 - tls)
+        fwd_bwd_times.append(fwd_bwd_ms)
+    times = [ms / density for ms, density in zip(fwd_bwd_times, densities)]
     spread_pct = 100 * (max(times) - min(times)) / statistics.mean(times)
-    print(f"BlockFFN fwd+bwd ms / (1 - TLS): {[round(t, 2) for t in times]} (spread {spread_pct:.0f}%)", flush=True)
+    fit = statistics.linear_regression(densities, fwd_bwd_times)
+    print(f"BlockFFN fwd+bwd ms / (1 - TLS): {[round(t, 2) for t in times]} (spread {spread_pct:.0f}%); "
+          f"least squares ms = {fit.intercept:.2f} + {fit.slope:.1f} * (1 - TLS): the part that does not scale "
+          f"is {100 * fit.intercept / (fit.intercept + fit.slope):.1f}% of a dense layer", flush=True)
     if profile:
         harness.keep_going(profile_layer, layer, x)
         harness.keep_going(profile_blockffn_stages, layer, x)
@@ -270,13 +275,13 @@ def profile_blockffn_stages(layer, x):
     tokens, batch_shape = x[0], (1, x.shape[1])
     with torch.no_grad():
         routing = layer.router(tokens, batch_shape)
-        active = routing.slot_expert >= 0
+        active = routing.active
         plan = build_plan_from_mask(active, routing.slot_weight)
         stages = {
             "router + losses": lambda: layer.router(tokens, batch_shape),
             "routing plan": lambda: build_plan_from_mask(active, routing.slot_weight),
             "experts (permute, GEMMs, unpermute)": lambda: run_local(tokens, plan, layer.experts),
-            "stats": lambda: layer._stats(routing, plan, active, *batch_shape),
+            "stats": lambda: layer._stats(routing, active, *batch_shape),
             "whole layer": lambda: layer(x),
         }
         for name, stage in stages.items():

@@ -85,7 +85,7 @@ def build_plan_from_mask(active: torch.Tensor, weight: torch.Tensor) -> RoutingP
     token_pos = torch.full((num_tokens, num_experts), -1, dtype=torch.int32, device=active.device)
     row_expert, row_token = active.t().nonzero().unbind(1)  # the synchronisation: the rest is launched before it
     pair = row_expert.add(row_token, alpha=num_experts)  # flat index of (token, expert)
-    token_pos[row_token, slot_of_pair.view(-1)[pair]] = torch.arange(
+    token_pos[row_token, slot_of_pair.reshape(-1)[pair]] = torch.arange(
         row_token.shape[0], dtype=torch.int32, device=active.device)
     return RoutingPlan(
         row_token=row_token.to(torch.int32),

@@ -83,7 +83,9 @@ class MoE(nn.Module):
         routing = self.router(tokens, (batch, seq), prev_router_logits)
 
         if cfg.router == "blockffn":
-            computed = routing.slot_expert >= 0  # slot e is expert e
+            computed = routing.active
+            # Stats first: they are launched while the GPU still has work, before the plan's host sync.
+            stats, expert_load = self._stats(routing, computed, batch, seq)
             plan = build_plan_from_mask(computed, routing.slot_weight)
         else:
             capacity = None
@@ -91,6 +93,8 @@ class MoE(nn.Module):
                 capacity = math.ceil(cfg.capacity_factor * tokens.shape[0] * cfg.top_k / cfg.num_experts)
             plan = build_plan(routing.slot_expert, routing.slot_weight, cfg.num_experts, capacity)
             computed = experts_used(routing.slot_expert, plan.token_pos >= 0, cfg.num_experts)
+            stats, expert_load = self._stats(routing, computed, batch, seq)
+        stats["dropped_fraction"] = plan.dropped_fraction
         if self.ep_group is None:
             y = run_local(tokens, plan, self.experts)
         else:
@@ -100,28 +104,27 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(tokens)
 
-        stats, expert_load = self._stats(routing, plan, computed, batch, seq)
         aux = MoEAux(loss=sum(routing.losses.values()), losses=routing.losses, stats=stats,
                      expert_load=expert_load, router_logits=routing.logits.view(batch, seq, -1))
         return y.view(batch, seq, self.d_model), aux
 
     @torch.no_grad()
-    def _stats(self, routing, plan, computed, batch: int, seq: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    def _stats(self, routing, computed, batch: int, seq: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """computed [T, E] bool: the FFN experts each token was computed by (after capacity drops)."""
         cfg = self.config
         slot_expert = routing.slot_expert
         stats = routing_stats(computed.view(batch, seq, -1), routing.probs)
-        stats["dropped_fraction"] = plan.dropped_fraction
+        routed_load = stats.pop("expert_load")
         if cfg.router == "moepp":
             first_copy = cfg.num_experts + cfg.num_zero_experts
             first_constant = first_copy + cfg.num_copy_experts
             for name, lo, hi in (("zero", cfg.num_experts, first_copy), ("copy", first_copy, first_constant),
                                  ("constant", first_constant, cfg.total_experts)):
                 stats[f"{name}_fraction"] = ((slot_expert >= lo) & (slot_expert < hi)).any(-1).float().mean()
-        routed = computed
         if cfg.capacity_factor is not None:  # the load counts the tokens dropped too
             routed = experts_used(slot_expert, torch.ones_like(slot_expert, dtype=torch.bool), cfg.num_experts)
-        return stats, routed.mean(0, dtype=torch.float32)
+            routed_load = routed.mean(0, dtype=torch.float32)
+        return stats, routed_load
 
     def update_expert_bias(self, group=None) -> None:
         """Aux-loss-free balancing step (router="topk", bias_update_rate > 0): call after each

@@ -8,7 +8,9 @@ a trailing partial chunk counts as a chunk.
 import torch
 import torch.nn.functional as F
 
-CLS_CHUNK_SIZES = (2, 4, 8, 16, 32, 64)  # each twice the previous one: CLS is built by halving
+from sparta.kernels.routing_stats import routing_stats_fused
+
+CLS_CHUNK_SIZES = (2, 4, 8, 16, 32, 64)  # 2, 4, ..., 2^K: CLS is built by halving
 
 
 def experts_used(slot_expert: torch.Tensor, keep: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -39,13 +41,24 @@ def router_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def routing_stats(used: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TLS, CLS per chunk size, FFN experts per token and router entropy as 0-dim fp32 tensors.
+    """TLS, CLS per chunk size, FFN experts per token and router entropy as 0-dim fp32 tensors, and
+    "expert_load" [E]: the share of tokens that used each FFN expert.
 
     used [B, S, E] bool: FFN experts each token was computed by; probs [T, E_router]: routing
-    distribution (MoE++: over FFN and zero-computation experts).
+    distribution (MoE++: over FFN and zero-computation experts). On CUDA one Triton kernel computes
+    them all (`sparta.kernels.routing_stats`), elsewhere the torch functions above.
     """
-    used_share = used.mean(dtype=torch.float32)
-    stats = {"tls": 1.0 - used_share, "ffn_experts_per_token": used_share * used.shape[-1]}
-    stats.update(zip((f"cls{size}" for size in CLS_CHUNK_SIZES), chunk_level_sparsity(used).unbind()))
-    stats["router_entropy"] = router_entropy(probs)
+    experts = used.shape[-1]
+    if used.is_cuda:
+        values = routing_stats_fused(used, probs.float(), len(CLS_CHUNK_SIZES))
+        load, (tls, per_token, entropy), cls = values.split([experts, 3, len(CLS_CHUNK_SIZES)])
+        stats = {"tls": tls, "ffn_experts_per_token": per_token, "router_entropy": entropy}
+    else:
+        load = used.reshape(-1, experts).mean(0, dtype=torch.float32)
+        used_share = used.mean(dtype=torch.float32)
+        stats = {"tls": 1.0 - used_share, "ffn_experts_per_token": used_share * experts,
+                 "router_entropy": router_entropy(probs)}
+        cls = chunk_level_sparsity(used)
+    stats.update(zip((f"cls{size}" for size in CLS_CHUNK_SIZES), cls.unbind()))
+    stats["expert_load"] = load
     return stats

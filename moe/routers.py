@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparta.kernels.blockffn_router import blockffn_router_epilogue
+
 from .config import MoEConfig
 from .losses import (
     activation_locality_loss,
@@ -27,6 +29,7 @@ class Routing:
     probs: torch.Tensor           # [T, E_router] fp32 routing distribution (entropy, balance)
     logits: torch.Tensor          # [T, E_router] fp32 router output before normalisation
     losses: dict[str, torch.Tensor]  # auxiliary losses, already multiplied by their coefficients
+    active: torch.Tensor | None = None  # [T, E] bool, mask routers (BlockFFN): token t uses expert e
 
 
 def _router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -106,18 +109,32 @@ class BlockFFNRouter(nn.Module):
     def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None) -> Routing:
         cfg = self.config
         raw = _router_logits(x, self.weight)
-        normed = F.rms_norm(F.relu(raw), (cfg.num_experts,), eps=cfg.router_norm_eps)
-        weights = normed * self.norm_weight.float()
-        probs = normed / (normed.sum(-1, keepdim=True) + 1e-5)
-        # Active = non-zero ReLU output, whatever the learnable scale g: an expert whose g is 0 still
-        # runs, so that g gets its gradient.
-        slot_expert = torch.where(normed > 0, torch.arange(cfg.num_experts, device=x.device), -1)
-        losses = {
-            "activation_locality": cfg.locality_coef
-            * activation_locality_loss(raw.view(*batch_shape, -1), cfg.locality_sharpness),
-            "chunk_sparsity": cfg.chunk_sparsity_coef * chunk_sparsity_loss(probs.view(*batch_shape, -1), cfg.chunk_size),
-        }
-        return Routing(slot_expert, weights, probs, raw, losses)
+        # One computation, two implementations: the fused Triton kernel on CUDA (the torch version
+        # is ~50 small ops forward and backward, which the host, not the GPU, would pace), the torch
+        # formulas below elsewhere; tests/test_moe_blockffn_fused.py checks that they agree.
+        epilogue = blockffn_router_epilogue if raw.is_cuda else blockffn_router_epilogue_torch
+        weights, probs, slot_expert, active, locality, chunk = epilogue(
+            raw, self.norm_weight.float(), batch_shape, eps=cfg.router_norm_eps, sharpness=cfg.locality_sharpness,
+            chunk_size=cfg.chunk_size, locality_coef=cfg.locality_coef, chunk_sparsity_coef=cfg.chunk_sparsity_coef)
+        losses = {"activation_locality": locality, "chunk_sparsity": chunk}
+        return Routing(slot_expert, weights, probs, raw, losses, active)
+
+
+def blockffn_router_epilogue_torch(raw: torch.Tensor, norm_weight: torch.Tensor, batch_shape: tuple[int, int], *,
+                                   eps: float, sharpness: float, chunk_size: int, locality_coef: float,
+                                   chunk_sparsity_coef: float):
+    """BlockFFN after the router's linear map, in torch: the reference of
+    `sparta.kernels.blockffn_router.blockffn_router_epilogue` (same arguments, same results)."""
+    normed = F.rms_norm(F.relu(raw), (raw.shape[1],), eps=eps)
+    weights = normed * norm_weight
+    probs = normed / (normed.sum(-1, keepdim=True) + 1e-5)
+    # Active = non-zero ReLU output, whatever the learnable scale g: an expert whose g is 0 still
+    # runs, so that g gets its gradient.
+    active = normed > 0
+    slot_expert = torch.where(active, torch.arange(raw.shape[1], device=raw.device), -1)
+    locality = locality_coef * activation_locality_loss(raw.view(*batch_shape, -1), sharpness)
+    chunk = chunk_sparsity_coef * chunk_sparsity_loss(probs.view(*batch_shape, -1), chunk_size)
+    return weights, probs, slot_expert, active, locality, chunk
 
 
 class MoEPPRouter(nn.Module):

@@ -11,10 +11,13 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from sparta.kernels.blockffn_router import blockffn_router_epilogue  # noqa: E402
 from sparta.kernels.grouped_gemm import grouped_mm, torch_grouped_mm_supports  # noqa: E402
 from sparta.kernels.moe_permute import permute, unpermute, weighted_activation  # noqa: E402
 from sparta.kernels.moe_reference import grouped_mm_reference  # noqa: E402
 from sparta.moe import MoE, MoEConfig  # noqa: E402
+from sparta.moe.metrics import routing_stats  # noqa: E402
+from sparta.moe.routers import blockffn_router_epilogue_torch  # noqa: E402
 
 CONFIGS = {
     "topk": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, num_shared_experts=1),
@@ -120,3 +123,34 @@ def test_triton_grouped_mm_on_gpu(dtype):
     assert relative_error(out, ref) < tolerance
     assert relative_error(x.grad, x_ref.grad) < tolerance
     assert relative_error(w.grad, w_ref.grad) < tolerance
+
+
+@pytest.mark.parametrize("rate", [0.0625, 0.5])
+def test_blockffn_fused_router_and_stats_match_torch_at_16k_tokens(rate):
+    """The fused BlockFFN router epilogue (fp32 router scores, as the layer always computes them, whatever
+    the model dtype) and the fused routing statistics against the torch formulas at the benchmark's size:
+    2 sequences of 8192 tokens, E = 64, chunk 64. Tolerance: 1e-5 relative (max abs error / max abs
+    reference) on tensors and gradients, 1e-5 relative on the losses, 1e-6 absolute on the statistics."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    batch, seq, experts = 2, 8192, 64
+    normal = torch.distributions.Normal(0.0, 1.0)
+    raw = 0.05 * (torch.randn(batch * seq, experts, device="cuda", generator=g) - normal.icdf(torch.tensor(1 - rate)).item())
+    norm_weight = 0.5 + torch.rand(experts, device="cuda", generator=g)
+    options = dict(eps=1e-5, sharpness=100.0, chunk_size=64, locality_coef=2e-3, chunk_sparsity_coef=5e-2)
+    grad_weights = torch.randn_like(raw)
+    results = []
+    for epilogue in (blockffn_router_epilogue, blockffn_router_epilogue_torch):
+        raw_in, g_in = raw.clone().requires_grad_(), norm_weight.clone().requires_grad_()
+        weights, probs, slot_expert, active, locality, chunk = epilogue(raw_in, g_in, (batch, seq), **options)
+        ((weights * grad_weights).sum() + locality + chunk).backward()
+        results.append((weights, probs, slot_expert, active, locality, chunk, raw_in.grad, g_in.grad))
+    fused, reference = results
+    assert torch.equal(fused[2], reference[2]) and torch.equal(fused[3], reference[3])
+    for index, name in ((0, "weights"), (1, "probs"), (6, "d_raw"), (7, "d_g")):
+        assert relative_error(fused[index], reference[index]) < 1e-5, name
+    for index, name in ((4, "locality"), (5, "chunk")):
+        assert fused[index].item() == pytest.approx(reference[index].item(), rel=1e-5), name
+    active, probs = fused[3].view(batch, seq, experts), fused[1]
+    stats, expected = routing_stats(active, probs), routing_stats(active.cpu(), probs.cpu())
+    for key, value in expected.items():
+        torch.testing.assert_close(stats[key].cpu(), value, rtol=0, atol=1e-6, msg=key)
