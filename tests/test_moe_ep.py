@@ -1,4 +1,5 @@
 """Expert parallelism over 2 gloo processes == one process with all experts (output and gradients).
+(tests/gpu/test_moe_ep_gpu.py runs the same check over NCCL, one GPU per process.)
 
 Each rank builds the full single-process layer from the same seed, runs it on the tokens of both
 ranks, and checks its EP layer (half of the experts, its own tokens) against its slice of that:
@@ -27,17 +28,17 @@ def _close(actual, expected, what):
     assert error <= 1e-5 * scale, f"{what}: max error {error:.3g} vs scale {scale:.3g}"
 
 
-def _check_router(rank, router):
+def _check_router(rank, router, device):
     cfg = MoEConfig(**CONFIGS[router])
     torch.manual_seed(0)
-    full = MoE(12, cfg)
-    x_all = torch.randn(WORLD, 10, 12)  # rank r owns batch row r
-    grad_all = torch.randn(WORLD, 10, 12)
+    full = MoE(12, cfg).to(device)
+    x_all = torch.randn(WORLD, 10, 12).to(device)  # rank r owns batch row r
+    grad_all = torch.randn(WORLD, 10, 12).to(device)
     x_ref = x_all.clone().requires_grad_()
     y_ref, _ = full(x_ref)
     (y_ref * grad_all).sum().backward()
 
-    ep = MoE(12, cfg, ep_group=dist.group.WORLD)
+    ep = MoE(12, cfg, ep_group=dist.group.WORLD).to(device)
     local = cfg.num_experts // WORLD
     with torch.no_grad():
         for name, p in ep.named_parameters():
@@ -61,15 +62,23 @@ def _check_router(rank, router):
             _close(summed, expected, f"{router}: {name}")
 
 
-def _worker(rank, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _worker(rank, init_file, backend):
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         for router in CONFIGS:
-            _check_router(rank, router)
+            _check_router(rank, router, device)
     finally:
         dist.destroy_process_group()
 
 
-def test_expert_parallel_matches_single_process(tmp_path):
+def run_expert_parallel_check(tmp_path, backend: str) -> None:
     """One spawn for every router: starting the two processes is most of the cost."""
-    mp.spawn(_worker, args=(str(tmp_path / "init"),), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path / "init"), backend), nprocs=WORLD, join=True)
+
+
+def test_expert_parallel_matches_single_process(tmp_path):
+    run_expert_parallel_check(tmp_path, "gloo")
