@@ -229,15 +229,27 @@ def bench_blockffn(rec, profile):
                        cls64=round(aux.stats["cls64"].item(), 4), ms_per_density=round(ms / (1 - tls), 3))
         densities.append(1 - tls)
         fwd_bwd_times.append(fwd_bwd_ms)
-    times = [ms / density for ms, density in zip(fwd_bwd_times, densities)]
-    spread_pct = 100 * (max(times) - min(times)) / statistics.mean(times)
-    fit = statistics.linear_regression(densities, fwd_bwd_times)
-    print(f"BlockFFN fwd+bwd ms / (1 - TLS): {[round(t, 2) for t in times]} (spread {spread_pct:.0f}%); "
-          f"least squares ms = {fit.intercept:.2f} + {fit.slope:.1f} * (1 - TLS): the part that does not scale "
-          f"is {100 * fit.intercept / (fit.intercept + fit.slope):.1f}% of a dense layer", flush=True)
+    print(describe_density_scaling(densities, fwd_bwd_times), flush=True)
     if profile:
         harness.keep_going(profile_layer, layer, x)
         harness.keep_going(profile_blockffn_stages, layer, x)
+
+
+def describe_density_scaling(densities, times) -> str:
+    """How BlockFFN fwd+bwd time follows the density 1 - TLS: the raw ms per unit density, and the
+    least-squares fit ms = fixed + slope * density, whose fixed part (router, plan, launches) does not
+    depend on the routing; what does should be proportional to the density."""
+    def spread(values):
+        return 100 * (max(values) - min(values)) / statistics.mean(values)
+
+    raw = [ms / density for ms, density in zip(times, densities)]
+    fit = statistics.linear_regression(densities, times)
+    scaled = [(ms - fit.intercept) / density for ms, density in zip(times, densities)]
+    r2 = statistics.correlation(densities, times) ** 2
+    return (f"BlockFFN fwd+bwd ms / (1 - TLS): {[round(t, 2) for t in raw]} (spread {spread(raw):.0f}%); least squares "
+            f"ms = {fit.intercept:.2f} + {fit.slope:.1f} * (1 - TLS), R^2 {r2:.5f}: the fixed part is "
+            f"{100 * fit.intercept / (fit.intercept + fit.slope):.1f}% of a dense layer, and the rest per unit density "
+            f"is {[round(t, 2) for t in scaled]} (spread {spread(scaled):.0f}%)")
 
 
 def profile_layer(layer, x, **kwargs):
