@@ -51,14 +51,19 @@ def _element_mask(q_pos, k_pos, len_q, len_k, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _tile_start(blocks, j, BLOCK: tl.constexpr, TILE: tl.constexpr):
+    """First row of tile j of a block list whose blocks are cut into BLOCK // TILE tiles."""
+    SPLIT: tl.constexpr = BLOCK // TILE
+    return tl.load(blocks + j // SPLIT) * BLOCK + (j % SPLIT) * TILE
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, desc_k, desc_v, k_blocks, lo, hi, k_row0, len_q, len_k,
                     qk_scale, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                     MASKED: tl.constexpr, CAUSAL: tl.constexpr):
-    """Online softmax over key tiles lo..hi of the list (tile j = part j % SPLIT of block j // SPLIT)."""
-    SPLIT: tl.constexpr = BLOCK_K // BLOCK_N
+    """Online softmax over key tiles lo..hi of the list."""
     for j in tl.range(lo, hi):
-        k_block = tl.load(k_blocks + j // SPLIT)
-        start_n = k_block * BLOCK_K + (j % SPLIT) * BLOCK_N
+        start_n = _tile_start(k_blocks, j, BLOCK_K, BLOCK_N)
         k = desc_k.load([k_row0 + start_n, 0])
         qk = tl.dot(q, k.T)
         if MASKED:
@@ -172,10 +177,8 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, desc_k, desc_v, k_blocks, 
                        qk_scale, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                        MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """dQ += dS K over key tiles lo..hi, with P recomputed from the log2-domain LSE."""
-    SPLIT: tl.constexpr = BLOCK_K // BLOCK_N
     for j in tl.range(lo, hi):
-        k_block = tl.load(k_blocks + j // SPLIT)
-        start_n = k_block * BLOCK_K + (j % SPLIT) * BLOCK_N
+        start_n = _tile_start(k_blocks, j, BLOCK_K, BLOCK_N)
         k = desc_k.load([k_row0 + start_n, 0])
         v = desc_v.load([k_row0 + start_n, 0])
         p = tl.math.exp2(tl.dot(q, k.T) * qk_scale - lse2[:, None])
@@ -224,10 +227,8 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, desc_q, desc_do, LSE, DELTA, q_blo
                          len_q, len_k, qk_scale, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
                          MASKED: tl.constexpr, CAUSAL: tl.constexpr):
     """dV += P^T dO and dK += dS^T Q over query tiles lo..hi of one query head's list."""
-    SPLIT: tl.constexpr = BLOCK_Q // BLOCK_M
     for j in tl.range(lo, hi):
-        q_block = tl.load(q_blocks + j // SPLIT)
-        start_m = q_block * BLOCK_Q + (j % SPLIT) * BLOCK_M
+        start_m = _tile_start(q_blocks, j, BLOCK_Q, BLOCK_M)
         q_pos = start_m + tl.arange(0, BLOCK_M)
         rows = (q_row0 + q_pos).to(tl.int64)
         q = desc_q.load([q_row0 + start_m, 0])
