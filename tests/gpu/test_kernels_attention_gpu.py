@@ -132,9 +132,10 @@ def test_no_host_sync_and_deterministic_backward():
 
 
 def test_autotune_picks_a_correct_candidate(monkeypatch):
+    """Head dim 64: the Triton forward runs there on every GPU (at 128 an H100 runs the Gluon one)."""
     monkeypatch.setenv("SPARTA_ATTENTION_AUTOTUNE", "1")
     monkeypatch.setattr(attention_module, "_AUTOTUNED", {})
-    q, k, v = random_inputs(1, 2, 2, 2000, 128, torch.bfloat16)
+    q, k, v = random_inputs(1, 2, 2, 2000, 64, torch.bfloat16)
     layout = build_kernel_layout(random_block_mask(1, 2, 16, 0.5), 128, 128, seqlen_q=2000, seqlen_k=2000)
     check_against_reference(q, k, v, layout, torch.bfloat16)
     assert {key[0] for key in attention_module._AUTOTUNED} == {"fwd", "bwd"}
@@ -170,3 +171,49 @@ def test_every_candidate_config(head_dim, fwd_config, bwd_config):
                                        None, None, problem, scale, config=bwd_config)
     for name, a, b in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert rel_err(a, b) < 2e-2, name
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="the Gluon forward runs on sm_90 only")
+@pytest.mark.parametrize("batch, heads, kv_heads, seqlen, density, causal, dtype, blocks, layout_batch", [
+    (1, 4, 4, 4096, 0.3, False, torch.bfloat16, (128, 128), 1),
+    (2, 4, 2, 4096, 0.3, True, torch.bfloat16, (128, 128), 1),     # one layout for the whole batch
+    (2, 4, 1, 4096, 0.5, True, torch.bfloat16, (128, 128), 2),
+    (1, 2, 2, 4000, 0.5, True, torch.bfloat16, (64, 64), 1),       # sequence end inside a block
+    (1, 2, 2, 4096, 0.5, False, torch.float16, (128, 64), 1),
+    (1, 2, 2, 4096, 0.5, False, torch.bfloat16, (64, 128), 1),
+    (1, 4, 2, 4096, 0.2, False, torch.bfloat16, (128, 128), 1),    # no diagonal: empty rows
+    (1, 1, 1, 512, 0.5, False, torch.bfloat16, (128, 128), 1),     # fewer query tiles than SMs
+], ids=["plain", "batch-broadcast", "gqa-causal", "blocks-64", "fp16-kblock-64", "qblock-64", "empty-rows", "tiny"])
+def test_hopper_forward_is_the_triton_forward(batch, heads, kv_heads, seqlen, density, causal, dtype, blocks,
+                                              layout_batch):
+    """The Gluon forward (persistent, its own schedule) computes the same bits as the Triton one."""
+    q, k, v = (x.detach() for x in random_inputs(batch, heads, kv_heads, seqlen, 128, dtype))
+    block_q, block_k = blocks
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    block_mask = torch.rand(layout_batch, heads, -(-seqlen // block_q), -(-seqlen // block_k), device="cuda",
+                            generator=gen) < density
+    if density > 0.2:
+        block_mask |= torch.eye(block_mask.shape[-2], block_mask.shape[-1], dtype=torch.bool, device="cuda")
+    layout = build_kernel_layout(block_mask, block_q, block_k, seqlen_q=seqlen, seqlen_k=seqlen, causal=causal)
+    assert_hopper_equals_triton(q, k, v, layout)
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability() != (9, 0), reason="the Gluon forward runs on sm_90 only")
+def test_hopper_forward_is_the_triton_forward_varlen():
+    cu = torch.tensor([0, 1000, 6000, 9000, 16192], dtype=torch.int32, device="cuda")
+    q, k, v = (x.detach() for x in random_inputs(1, 4, 2, 16192, 128, torch.bfloat16))
+    block_mask = random_block_mask(4, 4, -(-7192 // 128), 0.4)
+    layout = build_kernel_layout(block_mask, 128, 128, seqlen_q=7192, seqlen_k=7192, causal=True,
+                                 cu_seqlens_q=cu, cu_seqlens_k=cu)
+    assert_hopper_equals_triton(q, k, v, layout)
+
+
+def assert_hopper_equals_triton(q, k, v, layout):
+    tensors, scalars = attention_module._layout_args(layout)
+    problem = attention_module._Problem(*scalars, layout.is_varlen)
+    args = (q, k, v, *tensors[:4], *tensors[7:], problem, q.shape[-1] ** -0.5)
+    triton_config = attention_module._fit(attention_module.TUNED_CONFIGS[("fwd", 128)], problem.block_q, problem.block_k)
+    o, lse = attention_module._forward(*args)
+    o_triton, lse_triton = attention_module._forward(*args, config=triton_config)
+    assert torch.equal(o, o_triton)
+    assert torch.equal(lse, lse_triton)
