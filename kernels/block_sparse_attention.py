@@ -39,6 +39,7 @@ from . import block_sparse_attention_hopper as hopper
 from .block_layout import KernelLayout, _describe, launch_order
 
 LOG2E = 1.4426950408889634  # the kernels fold it into the softmax scale to use exp2
+_LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
 
@@ -211,12 +212,12 @@ def _attn_bwd_dq(pid, desc_q, desc_k, desc_v, desc_do, LSE, DELTA, DQ, KV_COUNT,
     q = desc_q.load([q_row0 + start_m, 0])
     do = desc_do.load([q_row0 + start_m, 0])
     delta = tl.load(DELTA + rows, mask=in_seq, other=0.0)
-    lse2 = tl.load(LSE + rows, mask=in_seq, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + rows, mask=in_seq, other=0.0) * _LOG2E
 
     count = tl.load(KV_COUNT + row)
     full = tl.load(KV_FULL + row)
     k_blocks = KV_INDEX + row.to(tl.int64) * num_k_blocks
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     SPLIT_N: tl.constexpr = BLOCK_K // BLOCK_N
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, q_pos, desc_k, desc_v, k_blocks, 0, full * SPLIT_N,
@@ -238,9 +239,9 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, k_pos, desc_q, desc_do, LSE, DELTA, q_blo
         rows = (q_row0 + q_pos).to(tl.int64)
         q = desc_q.load([q_row0 + start_m, 0])
         if MASKED:  # a partial tile may run past the sequence (and the tensor) end
-            lse2 = tl.load(LSE + rows, mask=q_pos < len_q, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(LSE + rows, mask=q_pos < len_q, other=0.0) * _LOG2E
         else:
-            lse2 = tl.load(LSE + rows) * 1.4426950408889634
+            lse2 = tl.load(LSE + rows) * _LOG2E
         p_t = tl.math.exp2(tl.dot(k, q.T) * qk_scale - lse2[None, :])
         if MASKED:
             p_t = tl.where(tl.trans(_element_mask(q_pos, k_pos, len_q, len_k, CAUSAL)), p_t, 0.0)
@@ -275,7 +276,7 @@ def _attn_bwd_dkdv(pid, desc_q, desc_k, desc_v, desc_do, LSE, DELTA, DK, DV, Q_C
     k_pos = start_n + tl.arange(0, BLOCK_N)
     k = desc_k.load([k_row0 + start_n, 0])
     v = desc_v.load([k_row0 + start_n, 0])
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * _LOG2E
     SPLIT_M: tl.constexpr = BLOCK_Q // BLOCK_M
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
