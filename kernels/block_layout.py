@@ -209,6 +209,36 @@ def _num_length_classes(max_work: int) -> int:
 
 
 @triton.jit
+def _tile_coordinates(tile, batch_offset, ORDER, CU_Q, CU_K, num_heads, num_blocks, group, rows_q, rows_k,
+                      seqlen_q, seqlen_k, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
+    """Map an attention kernel's work tile to its layout row and the first rows of its sequence in
+    the [rows, D] views of the tensors.
+
+    Tiles take layout rows in ORDER, SPLIT tiles per row; batch_offset is added to the layout row's
+    batch (a layout shared by the batch: the Triton kernels' grid axis 1). Returns (layout row,
+    batch, head, block, sub-tile, first q row, first k row, len_q, len_k). Also called from the
+    Gluon forward."""
+    row = tl.load(ORDER + tile // SPLIT)
+    sub = tile % SPLIT
+    block = row % num_blocks
+    head = (row // num_blocks) % num_heads
+    batch = row // (num_blocks * num_heads) + batch_offset
+    if VARLEN:  # packed [1, H, total, D]: the sequence starts at cu_seqlens[batch]
+        q_start = tl.load(CU_Q + batch)
+        k_start = tl.load(CU_K + batch)
+        len_q = tl.load(CU_Q + batch + 1) - q_start
+        len_k = tl.load(CU_K + batch + 1) - k_start
+        q_row0 = head * rows_q + q_start
+        k_row0 = (head // group) * rows_k + k_start
+    else:
+        len_q = seqlen_q
+        len_k = seqlen_k
+        q_row0 = (batch * num_heads + head) * rows_q
+        k_row0 = (batch * (num_heads // group) + head // group) * rows_k
+    return row, batch, head, block, sub, q_row0, k_row0, len_q, len_k
+
+
+@triton.jit
 def _block_lists_kernel(MASK, stride_b, stride_h, stride_q, stride_k, CU_Q, CU_K, DONE,
                         KV_COUNT, KV_FULL, KV_INDEX, Q_COUNT, Q_FULL, Q_INDEX, ORDER,
                         num_kv_lists, heads, num_q_blocks, num_k_blocks, seqlen_q, seqlen_k, block_q, block_k,

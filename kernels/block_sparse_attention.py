@@ -36,7 +36,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import block_sparse_attention_hopper as hopper
-from .block_layout import KernelLayout, _describe, launch_order
+from .block_layout import KernelLayout, _describe, _tile_coordinates, launch_order
 
 LOG2E = 1.4426950408889634  # the kernels fold it into the softmax scale to use exp2
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -93,34 +93,6 @@ def _attn_fwd_inner(acc, l_i, m_i, q, q_pos, desc_k, desc_v, k_blocks, lo, hi, k
     return acc, l_i, m_i
 
 
-@triton.jit
-def _tile_coordinates(pid, ORDER, CU_Q, CU_K, num_heads, num_blocks, group, rows_q, rows_k,
-                      seqlen_q, seqlen_k, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
-    """Map program `pid` to its layout row and the first rows of its sequence in the [rows, D] views.
-
-    The grid is (layout rows * SPLIT, batch / layout batch); programs take rows in ORDER. Returns
-    (layout row, batch, head, block, sub-tile, first q row, first k row, len_q, len_k).
-    """
-    row = tl.load(ORDER + pid // SPLIT)
-    sub = pid % SPLIT
-    block = row % num_blocks
-    head = (row // num_blocks) % num_heads
-    batch = row // (num_blocks * num_heads) + tl.program_id(1)  # broadcast layout: program_id(1)
-    if VARLEN:  # packed [1, H, total, D]: the sequence starts at cu_seqlens[batch]
-        q_start = tl.load(CU_Q + batch)
-        k_start = tl.load(CU_K + batch)
-        len_q = tl.load(CU_Q + batch + 1) - q_start
-        len_k = tl.load(CU_K + batch + 1) - k_start
-        q_row0 = head * rows_q + q_start
-        k_row0 = (head // group) * rows_k + k_start
-    else:
-        len_q = seqlen_q
-        len_k = seqlen_k
-        q_row0 = (batch * num_heads + head) * rows_q
-        k_row0 = (batch * (num_heads // group) + head // group) * rows_k
-    return row, batch, head, block, sub, q_row0, k_row0, len_q, len_k
-
-
 # The forward does not specialise integer sizes (divisibility, ==1): one compiled kernel per tile shape
 # and dtype.
 _SIZES = ["num_heads", "num_q_blocks", "num_k_blocks", "group", "rows_q", "rows_k", "seqlen_q", "seqlen_k"]
@@ -133,7 +105,7 @@ def _attn_fwd(desc_q, desc_k, desc_v, Out, LSE,
               BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
     row, batch, head, q_block, sub, q_row0, k_row0, len_q, len_k = _tile_coordinates(
-        tl.program_id(0), ORDER, CU_Q, CU_K, num_heads, num_q_blocks, group, rows_q, rows_k, seqlen_q, seqlen_k,
+        tl.program_id(0), tl.program_id(1), ORDER, CU_Q, CU_K, num_heads, num_q_blocks, group, rows_q, rows_k, seqlen_q, seqlen_k,
         BLOCK_Q // BLOCK_M, VARLEN)
     start_m = q_block * BLOCK_Q + sub * BLOCK_M
     q_pos = start_m + tl.arange(0, BLOCK_M)
@@ -203,7 +175,7 @@ def _attn_bwd_dq(pid, desc_q, desc_k, desc_v, desc_do, LSE, DELTA, DQ, KV_COUNT,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr):
     """One query tile's dQ over its key list."""
     row, batch, head, q_block, sub, q_row0, k_row0, len_q, len_k = _tile_coordinates(
-        pid, ORDER, CU_Q, CU_K, num_heads, num_q_blocks, group, rows_q, rows_k, seqlen_q, seqlen_k,
+        pid, tl.program_id(1), ORDER, CU_Q, CU_K, num_heads, num_q_blocks, group, rows_q, rows_k, seqlen_q, seqlen_k,
         BLOCK_Q // BLOCK_M, VARLEN)
     start_m = q_block * BLOCK_Q + sub * BLOCK_M
     q_pos = start_m + tl.arange(0, BLOCK_M)
@@ -264,7 +236,7 @@ def _attn_bwd_dkdv(pid, desc_q, desc_k, desc_v, desc_do, LSE, DELTA, DK, DV, Q_C
     """One key tile's dK and dV over the transposed lists of every query head that shares its
     key/value head. ORDER runs over (layout batch, kv head, key block)."""
     kv_row, batch, kv_head, k_block, sub, _, k_row0, len_q, len_k = _tile_coordinates(
-        pid, ORDER, CU_Q, CU_K, num_heads // group, num_k_blocks, 1, rows_k, rows_k, seqlen_k, seqlen_k,
+        pid, tl.program_id(1), ORDER, CU_Q, CU_K, num_heads // group, num_k_blocks, 1, rows_k, rows_k, seqlen_k, seqlen_k,
         BLOCK_K // BLOCK_N, VARLEN)
     if VARLEN:
         q_start = tl.load(CU_Q + batch)

@@ -31,6 +31,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .block_layout import _tile_coordinates
+
 # Names that changed after Triton 3.6: take whichever this version has.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
@@ -52,31 +54,15 @@ def applies(q: torch.Tensor, block_q: int, block_k: int) -> bool:
 
 
 @gluon.jit
-def _tile_coordinates(item, ORDER, CU_Q, CU_K, batch_repeat, num_heads, num_q_blocks, group, rows_q, rows_k,
+def _item_coordinates(item, ORDER, CU_Q, CU_K, batch_repeat, num_heads, num_q_blocks, group, rows_q, rows_k,
                       seqlen_q, seqlen_k, BLOCK_Q: gl.constexpr, BLOCK_M: gl.constexpr, VARLEN: gl.constexpr):
-    """Work item -> (layout row, first row of its query tile and of its key sequence in the [rows, D]
-    views, the tile's first query position, len_q, len_k). Items run over (launch order x split of
-    the query block) x batch repeat, as the grid of the Triton forward."""
-    SPLIT: gl.constexpr = BLOCK_Q // BLOCK_M
-    tile = item // batch_repeat
-    row = gl.load(ORDER + tile // SPLIT)
-    q_block = row % num_q_blocks
-    head = (row // num_q_blocks) % num_heads
-    batch = row // (num_q_blocks * num_heads) + item % batch_repeat
-    if VARLEN:
-        q_start = gl.load(CU_Q + batch)
-        k_start = gl.load(CU_K + batch)
-        len_q = gl.load(CU_Q + batch + 1) - q_start
-        len_k = gl.load(CU_K + batch + 1) - k_start
-        q_row0 = head * rows_q + q_start
-        k_row0 = (head // group) * rows_k + k_start
-    else:
-        len_q = seqlen_q
-        len_k = seqlen_k
-        q_row0 = (batch * num_heads + head) * rows_q
-        k_row0 = (batch * (num_heads // group) + head // group) * rows_k
-    start_m = q_block * BLOCK_Q + (tile % SPLIT) * BLOCK_M
-    return row, q_row0, start_m, k_row0, len_q, len_k
+    """Work item -> (layout row, first row of its sequence's queries, the query tile's first
+    position, first row of its keys, len_q, len_k). Items run over the Triton forward's grid:
+    (launch order x split of the query block) x batch repeat."""
+    row, _, _, q_block, sub, q_row0, k_row0, len_q, len_k = _tile_coordinates(
+        item // batch_repeat, item % batch_repeat, ORDER, CU_Q, CU_K, num_heads, num_q_blocks, group, rows_q, rows_k,
+        seqlen_q, seqlen_k, BLOCK_Q // BLOCK_M, VARLEN)
+    return row, q_row0, q_block * BLOCK_Q + sub * BLOCK_M, k_row0, len_q, len_k
 
 
 @gluon.jit
@@ -110,7 +96,7 @@ def _next_key_tile(cursor, coords, KV_COUNT, KV_INDEX, num_items, num_k_blocks, 
         count -= count
         item = _item_of_round(round, num_items)
         if item < num_items:
-            row, _, _, k_row0, _, _ = _tile_coordinates(item, *coords)
+            row, _, _, k_row0, _, _ = _item_coordinates(item, *coords)
             count = gl.load(KV_COUNT + row)
     tile_row = -1
     if round < num_rounds:
@@ -212,7 +198,7 @@ def _attn_fwd_hopper(desc_q, desc_k, desc_v, Out, LSE, KV_COUNT, KV_FULL, KV_IND
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
     # The loader's cursor starts one tile before this program's first key tile; fill the ring.
-    row, _, _, k_row0, _, _ = _tile_coordinates(first, *coords)
+    row, _, _, k_row0, _, _ = _item_coordinates(first, *coords)
     zero = first * 0  # an int32 tensor: the cursor's fields are loop variables
     cursor = (zero, zero - 1, gl.load(KV_COUNT + row), row, k_row0)
     cursor, k_refill_row = _next_key_tile(cursor, coords, KV_COUNT, KV_INDEX, num_items, num_k_blocks, BLOCK_N)
@@ -221,7 +207,7 @@ def _attn_fwd_hopper(desc_q, desc_k, desc_v, Out, LSE, KV_COUNT, KV_FULL, KV_IND
             _load_tile(desc_k, k_smem, k_bars, stage, k_refill_row)
             _load_tile(desc_v, v_smem, v_bars, stage, k_refill_row)
         cursor, k_refill_row = _next_key_tile(cursor, coords, KV_COUNT, KV_INDEX, num_items, num_k_blocks, BLOCK_N)
-    _, q_row0, start_m, _, _, _ = _tile_coordinates(first, *coords)
+    _, q_row0, start_m, _, _, _ = _item_coordinates(first, *coords)
     mbarrier.expect(q_bars.index(0), desc_q.block_type.nbytes)
     _tma_load(desc_q, [q_row0 + start_m, 0], q_bars.index(0), q_smem.index(0))
 
@@ -234,10 +220,10 @@ def _attn_fwd_hopper(desc_q, desc_k, desc_v, Out, LSE, KV_COUNT, KV_FULL, KV_IND
             _barrier()  # every warp is done with the previous query tile: its Q buffer is free
             next_item = _item_of_round(round + 1, num_items)
             if next_item < num_items:  # this program's next Q tile, into the other buffer
-                _, next_q_row0, next_start_m, _, _, _ = _tile_coordinates(next_item, *coords)
+                _, next_q_row0, next_start_m, _, _, _ = _item_coordinates(next_item, *coords)
                 mbarrier.expect(q_bars.index((n + 1) % 2), desc_q.block_type.nbytes)
                 _tma_load(desc_q, [next_q_row0 + next_start_m, 0], q_bars.index((n + 1) % 2), q_smem.index((n + 1) % 2))
-            row, q_row0, start_m, k_row0, len_q, len_k = _tile_coordinates(item, *coords)
+            row, q_row0, start_m, k_row0, len_q, len_k = _item_coordinates(item, *coords)
             q_tile = q_smem.index(n % 2)
             mbarrier.wait(q_bars.index(n % 2), (n // 2) & 1)  # also when unused: one load in flight per buffer
             count = gl.load(KV_COUNT + row)
