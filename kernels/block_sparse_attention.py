@@ -17,8 +17,8 @@ program side by side:
 - query tiles (`_attn_bwd_dq`), over the same key lists as the forward: dQ.
 
 On an H100 (sm_90) at head dim 128 the forward runs `block_sparse_attention_hopper` instead: the
-same contract and bits, written in Gluon so that the softmax overlaps the P V product (1.02-1.19x
-this forward). Passing a `config` to `_forward` always runs the Triton kernel.
+same contract and bits, written in Gluon so that the softmax overlaps the P V product (about
+1.05-1.1x this forward). Passing a `config` to `_forward` always runs the Triton kernel.
 
 Tiles come in through TMA tensor descriptors over the [rows, head_dim] view of each tensor, so a
 tile index is just a row offset. Programs start in `q_block_order` (longest lists first) so that
