@@ -209,6 +209,16 @@ def _num_length_classes(max_work: int) -> int:
 
 
 @triton.jit
+def _element_mask(q_pos, k_pos, len_q, len_k, CAUSAL: tl.constexpr):
+    """Which (query, key) pairs of a partial block attend: inside both sequences, and causal (the
+    conventions above). Shared by the attention kernels, Triton and Gluon."""
+    keep = (q_pos[:, None] < len_q) & (k_pos[None, :] < len_k)
+    if CAUSAL:
+        keep = keep & (q_pos[:, None] >= k_pos[None, :])
+    return keep
+
+
+@triton.jit
 def _tile_coordinates(tile, batch_offset, ORDER, CU_Q, CU_K, num_heads, num_blocks, group, rows_q, rows_k,
                       seqlen_q, seqlen_k, SPLIT: tl.constexpr, VARLEN: tl.constexpr):
     """Map an attention kernel's work tile to its layout row and the first rows of its sequence in

@@ -36,7 +36,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import block_sparse_attention_hopper as hopper
-from .block_layout import KernelLayout, _describe, _tile_coordinates, launch_order
+from .block_layout import KernelLayout, _describe, _element_mask, _tile_coordinates, launch_order
 
 LOG2E = 1.4426950408889634  # the kernels fold it into the softmax scale to use exp2
 _LOG2E = tl.constexpr(LOG2E)  # the same, for use inside kernels
@@ -46,15 +46,6 @@ SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _element_mask(q_pos, k_pos, len_q, len_k, CAUSAL: tl.constexpr):
-    """Which (query, key) pairs of a partial block attend: inside both sequences, and causal."""
-    keep = (q_pos[:, None] < len_q) & (k_pos[None, :] < len_k)
-    if CAUSAL:
-        keep = keep & (q_pos[:, None] >= k_pos[None, :])
-    return keep
-
 
 @triton.jit
 def _tile_start(blocks, j, BLOCK: tl.constexpr, TILE: tl.constexpr):

@@ -33,7 +33,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .block_layout import _tile_coordinates
+from .block_layout import _element_mask, _tile_coordinates
 
 # Names that changed after Triton 3.6: take whichever this version has.
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -110,10 +110,7 @@ def _next_key_tile(cursor, coords, KV_COUNT, KV_INDEX, num_items, num_k_blocks, 
 def _softmax_tile(s, m_i, l_i, q_pos, k_pos, len_q, len_k, qk_scale, MASKED: gl.constexpr, CAUSAL: gl.constexpr):
     """Online-softmax step over tile scores s: P (unnormalised), the rescale of the old rows, m, l."""
     if MASKED:
-        keep = (q_pos[:, None] < len_q) & (k_pos[None, :] < len_k)
-        if CAUSAL:
-            keep = keep & (q_pos[:, None] >= k_pos[None, :])
-        s = gl.where(keep, s * qk_scale, float("-inf"))
+        s = gl.where(_element_mask(q_pos, k_pos, len_q, len_k, CAUSAL), s * qk_scale, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, 1))
         # A row with nothing allowed so far keeps m = -inf; shift it by 0 so that P = 0, not NaN.
         m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
