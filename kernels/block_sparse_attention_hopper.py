@@ -196,8 +196,11 @@ def _attn_fwd_hopper(desc_q, desc_k, desc_v, Out, LSE, KV_COUNT, KV_FULL, KV_IND
     k_offsets = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
-    # The loader's cursor starts one tile before this program's first key tile; fill the ring.
-    row, _, _, k_row0, _, _ = _item_coordinates(first, *coords)
+    # The first query tile's Q; then the loader's cursor starts one tile before this program's first
+    # key tile and fills the ring.
+    row, q_row0, start_m, k_row0, _, _ = _item_coordinates(first, *coords)
+    mbarrier.expect(q_bars.index(0), desc_q.block_type.nbytes)
+    _tma_load(desc_q, [q_row0 + start_m, 0], q_bars.index(0), q_smem.index(0))
     zero = first * 0  # an int32 tensor: the cursor's fields are loop variables
     cursor = (zero, zero - 1, gl.load(KV_COUNT + row), row, k_row0)
     cursor, k_refill_row = _next_key_tile(cursor, coords, KV_COUNT, KV_INDEX, num_items, num_k_blocks, BLOCK_N)
@@ -206,9 +209,6 @@ def _attn_fwd_hopper(desc_q, desc_k, desc_v, Out, LSE, KV_COUNT, KV_FULL, KV_IND
             _load_tile(desc_k, k_smem, k_bars, stage, k_refill_row)
             _load_tile(desc_v, v_smem, v_bars, stage, k_refill_row)
         cursor, k_refill_row = _next_key_tile(cursor, coords, KV_COUNT, KV_INDEX, num_items, num_k_blocks, BLOCK_N)
-    _, q_row0, start_m, _, _, _ = _item_coordinates(first, *coords)
-    mbarrier.expect(q_bars.index(0), desc_q.block_type.nbytes)
-    _tma_load(desc_q, [q_row0 + start_m, 0], q_bars.index(0), q_smem.index(0))
 
     t = 0  # ring position of the next key tile
     n = 0  # query tiles done by this program
