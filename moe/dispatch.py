@@ -1,7 +1,8 @@
 """Dispatch: sort the routed slots by expert, run the experts, sum the results back per token.
 
 `build_plan` turns the router's slots into a `RoutingPlan` (the maps between tokens and
-expert-sorted rows, see `sparta.kernels.moe_permute`); `build_plan_from_mask` does it for BlockFFN,
+expert-sorted rows, see `sparta.kernels.moe_permute`), after `within_capacity` has dropped the slots
+past an expert's capacity, if there is one; `build_plan_from_mask` does it for BlockFFN,
 whose router gives a [tokens, experts] mask rather than k slots per token. `run_local` runs all
 experts on this rank; `run_expert_parallel` shards them over an expert-parallel process group:
 expert-sorted rows are already grouped by destination rank (experts are split in contiguous
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from sparta.kernels.moe_permute import permute, unpermute
 
@@ -24,32 +26,34 @@ class RoutingPlan:
     row_weight: torch.Tensor       # [R] fp32 routing weight of each row, 0 for padding (differentiable)
     counts: torch.Tensor           # [E] int64 rows per expert
     offs: torch.Tensor             # [E] int32 cumulative end row per expert; offs[-1] = real rows
-    dropped_fraction: torch.Tensor  # 0-dim fp32: routed FFN slots dropped by the capacity limit
 
 
-def build_plan(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts: int,
-               capacity: int | None = None) -> RoutingPlan:
+def within_capacity(slot_expert: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """[T, S] bool: the slot is kept, i.e. among the first capacity[e] slots routed to its expert e,
+    first tokens first (GShard / Switch). capacity [E] int64 per expert id (MoE++: FFN and
+    zero-computation experts); unused slots (-1) are kept, there is nothing to drop."""
+    flat = slot_expert.reshape(-1)
+    num_experts = capacity.shape[0]
+    key = torch.where(flat >= 0, flat, num_experts)
+    sorted_key, order = torch.sort(key, stable=True)
+    ends = torch.searchsorted(sorted_key, torch.arange(1, num_experts + 1, device=flat.device))
+    starts = torch.cat([ends.new_zeros(1), ends])  # of each expert, then of the unused slots
+    rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[sorted_key]
+    kept_sorted = (sorted_key == num_experts) | (rank_in_expert < F.pad(capacity, (0, 1))[sorted_key])
+    return torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view_as(slot_expert)
+
+
+def build_plan(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts: int) -> RoutingPlan:
     """Sort the slots that go to FFN experts (ids in [0, num_experts)) by expert, in token order.
 
-    capacity: keep at most that many slots per expert, the first tokens first (GShard / Switch);
-    None = dropless. The buffer has one row per slot (T*S), real rows first and padding rows after,
-    so nothing waits for the GPU.
+    Dropless: a capacity limit drops slots before (`within_capacity`, then -1 for the dropped ones).
+    The buffer has one row per slot (T*S), real rows first and padding rows after, so nothing waits
+    for the GPU.
     """
     num_tokens, slots = slot_expert.shape
     flat = slot_expert.reshape(-1)
     routed = (flat >= 0) & (flat < num_experts)
-    key = torch.where(routed, flat, num_experts)
-    sorted_key, order = torch.sort(key, stable=True)
-    dropped_fraction = torch.zeros((), device=flat.device)
-    if capacity is not None:
-        ends = torch.searchsorted(sorted_key, torch.arange(1, num_experts + 2, device=flat.device))
-        starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-        rank_in_expert = torch.arange(flat.numel(), device=flat.device) - starts[sorted_key]
-        kept_sorted = (sorted_key < num_experts) & (rank_in_expert < capacity)
-        kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)
-        dropped_fraction = (routed & ~kept).sum() / routed.sum().clamp_min(1)
-        key = torch.where(kept, flat, num_experts)
-        sorted_key, order = torch.sort(key, stable=True)
+    sorted_key, order = torch.sort(torch.where(routed, flat, num_experts), stable=True)
     real = sorted_key < num_experts
     rows = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
     token_pos = torch.full_like(flat, -1, dtype=torch.int32)
@@ -61,7 +65,6 @@ def build_plan(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts
         row_weight=torch.where(real, slot_weight.reshape(-1)[order].float(), 0.0),
         counts=torch.diff(ends, prepend=ends.new_zeros(1)),
         offs=ends.to(torch.int32),
-        dropped_fraction=dropped_fraction.float(),
     )
 
 
@@ -76,11 +79,11 @@ def build_plan_from_mask(active: torch.Tensor, weight: torch.Tensor) -> RoutingP
     to share out runs nearly serially on a GPU); what follows the synchronisation is R-sized, and
     the only differentiable op is the gather of the R row weights. token_pos lists each token's
     rows first (ascending), then -1, so the un-permutation loops over the rows a token has, not
-    over all E slots. Dropless: dropped_fraction is 0.
+    over all E slots. Dropless.
     """
     num_tokens, num_experts = active.shape
     counts = active.sum(0)
-    offs, dropped_fraction = counts.cumsum(0).to(torch.int32), torch.zeros((), device=active.device)
+    offs = counts.cumsum(0).to(torch.int32)
     slot_of_pair = active.cumsum(1) - 1  # place of an active pair among its token's pairs
     token_pos = torch.full((num_tokens, num_experts), -1, dtype=torch.int32, device=active.device)
     row_expert, row_token = active.t().nonzero().unbind(1)  # the synchronisation: the rest is launched before it
@@ -93,7 +96,6 @@ def build_plan_from_mask(active: torch.Tensor, weight: torch.Tensor) -> RoutingP
         row_weight=weight.reshape(-1).gather(0, pair),
         counts=counts,
         offs=offs,
-        dropped_fraction=dropped_fraction,
     )
 
 

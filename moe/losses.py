@@ -48,24 +48,54 @@ def heterogeneous_load_balance_loss(probs: torch.Tensor, selected: torch.Tensor,
     return (eta * fraction * probs.mean(0)).sum()
 
 
-def activation_locality_loss(raw_scores: torch.Tensor, sharpness: float) -> torch.Tensor:
+def document_positions(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] int32: each token's position inside its document (0 at its first token).
+
+    doc_ids [batch, seq] integer: a token whose id differs from the previous token's starts a
+    document, as does the first token of every sequence (so packed documents are cut where the id
+    changes, e.g. the count of end-of-text tokens before each position). Computed on the device,
+    with no host synchronisation; BlockFFN's losses and the CLS metric read it.
+    """
+    seq = doc_ids.shape[1]
+    position = torch.arange(seq, device=doc_ids.device)
+    starts = F.pad(doc_ids[:, 1:] != doc_ids[:, :-1], (1, 0), value=True)
+    first = torch.where(starts, position, 0).cummax(dim=1).values
+    return (position - first).to(torch.int32)
+
+
+def activation_locality_loss(raw_scores: torch.Tensor, sharpness: float, doc_pos: torch.Tensor | None = None) -> torch.Tensor:
     """BlockFFN activation-locality loss: neighbouring tokens should activate the same experts
     (Song et al. 2025, arXiv:2507.08771).
 
     raw_scores [B, S, E]: router scores before the ReLU. With A_t = sigmoid(alpha * s_t), a smooth
     "expert e is active" indicator, the loss is the binary cross entropy of A_{t-1} predicting
-    A_t, averaged over tokens and experts; both sides carry gradient, as in the reference
-    (thunlp/BlockFFN, pretrain/cpm/dragonfly/activation_context.py, `transfer_regularization`:
-    `binary_cross_entropy_with_logits(left * steep, sigmoid(right * steep))`, steep = 100).
+    A_t, averaged over the pairs (t-1, t) and experts; both sides carry gradient, as in the
+    reference (thunlp/BlockFFN, pretrain/cpm/dragonfly/activation_context.py,
+    `transfer_regularization`: `binary_cross_entropy_with_logits(left * steep, sigmoid(right *
+    steep))`, steep = 100). doc_pos ([B, S], `document_positions`): only the pairs inside one
+    document count, as the reference's `segment_shift_indices` (-1 at a segment start) select them.
     """
     if raw_scores.shape[1] < 2:
         return raw_scores.sum() * 0.0
     previous = sharpness * raw_scores[:, :-1]
     current = torch.sigmoid(sharpness * raw_scores[:, 1:])
-    return F.binary_cross_entropy_with_logits(previous, current)
+    if doc_pos is None:
+        return F.binary_cross_entropy_with_logits(previous, current)
+    same_document = (doc_pos[:, 1:] > 0)[..., None]
+    bce = F.binary_cross_entropy_with_logits(previous, current, reduction="none")
+    pairs = same_document.sum() * raw_scores.shape[-1]
+    return torch.where(same_document, bce, 0.0).sum() / pairs.clamp_min(1)
 
 
-def chunk_sparsity_loss(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def chunk_ids(doc_pos: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks that restart at every document start: ([B*S] int64 chunk of each token, numbered in
+    token order from 0; 0-dim number of chunks). A document of n tokens has ceil(n / chunk_size)
+    chunks, its last one possibly partial. doc_pos [B, S]: `document_positions`."""
+    starts = (doc_pos % chunk_size == 0).reshape(-1)
+    return starts.cumsum(0) - 1, starts.sum()
+
+
+def chunk_sparsity_loss(probs: torch.Tensor, chunk_size: int, doc_pos: torch.Tensor | None = None) -> torch.Tensor:
     """BlockFFN chunk-sparsification loss: the probability that an expert is active in a chunk
     (Song et al. 2025, arXiv:2507.08771).
 
@@ -73,11 +103,20 @@ def chunk_sparsity_loss(probs: torch.Tensor, chunk_size: int) -> torch.Tensor:
     `chunk_size` consecutive tokens and expert e, P(e used by the chunk) = 1 - prod_t (1 - p_{t,e});
     the loss is its mean over chunks and experts (thunlp/BlockFFN, activation_context.py,
     `chunk_regularization`: `1 - mean(exp(sum(log(1 - p + 1e-5))))`). A trailing partial chunk is
-    padded with p = 1e-5, whose factor (1 - p + 1e-5) is exactly 1.
+    padded with p = 1e-5, whose factor (1 - p + 1e-5) is exactly 1. doc_pos ([B, S],
+    `document_positions`): the chunks restart at every document start (`chunk_ids`), so that no
+    chunk spans two documents, as CLS is measured here (the reference cuts its chunks along the
+    packed sequence and only masks padding out, `seq_mask`).
     """
     batch, seq, experts = probs.shape
-    pad = -seq % chunk_size
-    if pad:
-        probs = F.pad(probs, (0, 0, 0, pad), value=1e-5)
-    log_unused = torch.log1p(1e-5 - probs).view(batch, -1, chunk_size, experts).sum(dim=2)
-    return 1.0 - torch.exp(log_unused).mean()
+    if doc_pos is None:
+        pad = -seq % chunk_size
+        if pad:
+            probs = F.pad(probs, (0, 0, 0, pad), value=1e-5)
+        log_unused = torch.log1p(1e-5 - probs).view(batch, -1, chunk_size, experts).sum(dim=2)
+        return 1.0 - torch.exp(log_unused).mean()
+    chunk, num_chunks = chunk_ids(doc_pos, chunk_size)
+    tokens = batch * seq
+    log_unused = probs.new_zeros(tokens, experts).index_add(0, chunk, torch.log1p(1e-5 - probs.reshape(tokens, experts)))
+    is_chunk = (torch.arange(tokens, device=probs.device) < num_chunks)[:, None]
+    return 1.0 - torch.where(is_chunk, torch.exp(log_unused), 0.0).sum() / (num_chunks * experts)

@@ -1,8 +1,10 @@
 """Routers: token -> (experts, weights), auxiliary losses. All router math runs in fp32.
 
-Every router returns a `Routing` in the same "slot" form: token t has S slots, slot j sends it to
-expert `slot_expert[t, j]` with weight `slot_weight[t, j]` (-1 = unused slot). Experts are indexed
-FFN experts first (0..N-1), then, for MoE++, zero, copy and constant experts.
+Every router is called as `router(x [T, d], (batch, seq), prev_logits, doc_pos)` (MoE++ reads the
+previous layer's logits, BlockFFN's losses the positions inside packed documents,
+`losses.document_positions`) and returns a `Routing` in the same "slot" form: token t has S slots,
+slot j sends it to expert `slot_expert[t, j]` with weight `slot_weight[t, j]` (-1 = unused slot).
+Experts are indexed FFN experts first (0..N-1), then, for MoE++, zero, copy and constant experts.
 """
 from dataclasses import dataclass
 
@@ -56,7 +58,7 @@ class TopKRouter(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_experts))
             self.register_buffer("load_since_update", torch.zeros(config.num_experts))
 
-    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None) -> Routing:
+    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None, doc_pos=None) -> Routing:
         cfg = self.config
         logits = _router_logits(x, self.weight)
         scores = logits.softmax(-1) if cfg.score_func == "softmax" else logits.sigmoid()
@@ -106,7 +108,7 @@ class BlockFFNRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self.norm_weight = nn.Parameter(torch.ones(config.num_experts))
 
-    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None) -> Routing:
+    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None, doc_pos=None) -> Routing:
         cfg = self.config
         raw = _router_logits(x, self.weight)
         # One computation, two implementations: the fused Triton kernel on CUDA (the torch version
@@ -115,14 +117,15 @@ class BlockFFNRouter(nn.Module):
         epilogue = blockffn_router_epilogue if raw.is_cuda else blockffn_router_epilogue_torch
         weights, probs, slot_expert, active, locality, chunk = epilogue(
             raw, self.norm_weight.float(), batch_shape, eps=cfg.router_norm_eps, sharpness=cfg.locality_sharpness,
-            chunk_size=cfg.chunk_size, locality_coef=cfg.locality_coef, chunk_sparsity_coef=cfg.chunk_sparsity_coef)
+            chunk_size=cfg.chunk_size, locality_coef=cfg.locality_coef, chunk_sparsity_coef=cfg.chunk_sparsity_coef,
+            doc_pos=doc_pos)
         losses = {"activation_locality": locality, "chunk_sparsity": chunk}
         return Routing(slot_expert, weights, probs, raw, losses, active)
 
 
 def blockffn_router_epilogue_torch(raw: torch.Tensor, norm_weight: torch.Tensor, batch_shape: tuple[int, int], *,
                                    eps: float, sharpness: float, chunk_size: int, locality_coef: float,
-                                   chunk_sparsity_coef: float):
+                                   chunk_sparsity_coef: float, doc_pos: torch.Tensor | None = None):
     """BlockFFN after the router's linear map, in torch: the reference of
     `sparta.kernels.blockffn_router.blockffn_router_epilogue` (same arguments, same results)."""
     normed = F.rms_norm(F.relu(raw), (raw.shape[1],), eps=eps)
@@ -132,8 +135,8 @@ def blockffn_router_epilogue_torch(raw: torch.Tensor, norm_weight: torch.Tensor,
     # runs, so that g gets its gradient.
     active = normed > 0
     slot_expert = torch.where(active, torch.arange(raw.shape[1], device=raw.device), -1)
-    locality = locality_coef * activation_locality_loss(raw.view(*batch_shape, -1), sharpness)
-    chunk = chunk_sparsity_coef * chunk_sparsity_loss(probs.view(*batch_shape, -1), chunk_size)
+    locality = locality_coef * activation_locality_loss(raw.view(*batch_shape, -1), sharpness, doc_pos)
+    chunk = chunk_sparsity_coef * chunk_sparsity_loss(probs.view(*batch_shape, -1), chunk_size, doc_pos)
     return weights, probs, slot_expert, active, locality, chunk
 
 
@@ -161,7 +164,7 @@ class MoEPPRouter(nn.Module):
             self.residual_weight = nn.Parameter(torch.empty(config.total_experts, config.total_experts))
             nn.init.normal_(self.residual_weight, std=0.02)
 
-    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None) -> Routing:
+    def forward(self, x: torch.Tensor, batch_shape: tuple[int, int], prev_logits=None, doc_pos=None) -> Routing:
         cfg = self.config
         logits = _router_logits(x, self.weight)
         if cfg.gating_residual and prev_logits is not None:

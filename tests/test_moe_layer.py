@@ -1,5 +1,6 @@
 """The MoE layer: dropless grouped path vs a naive per-token loop, MoE++ semantics, metrics,
-capacity dropping, aux-loss-free balancing and config errors.
+capacity dropping (MoE++'s heterogeneous capacities included), aux-loss-free balancing, per-router
+expert defaults and config errors.
 
 Tolerances: fp32 layer vs fp32 loop 1e-5 (max abs error / max abs value); bf16 layer vs fp32 loop
 on the same (bf16-rounded) inputs 3e-2 for the output and 5e-2 for gradients (bf16 has 8 bits of
@@ -12,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from sparta.kernels.moe_reference import activation_reference, moe_ffn_token_loop
-from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig
-from sparta.moe.dispatch import build_plan, build_plan_from_mask
+from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig, load_summary
+from sparta.moe.dispatch import build_plan, build_plan_from_mask, within_capacity
 from sparta.moe.metrics import chunk_level_sparsity, routing_stats
 
 CONFIGS = {
@@ -110,9 +111,11 @@ def test_build_plan_hand_case():
     assert plan.token_pos.tolist() == [[2, -1], [0, 3], [-1, 1]]
     assert plan.offs.tolist() == [2, 4] and plan.counts.tolist() == [2, 2]
     torch.testing.assert_close(plan.row_weight, torch.tensor([0.3, 0.6, 0.1, 0.4, 0.0, 0.0]))
-    capped = build_plan(slot_expert, slot_weight, num_experts=2, capacity=1)
-    assert capped.row_token.tolist() == [1, 0, -1, -1, -1, -1]  # first token of each expert kept
-    assert capped.dropped_fraction.item() == pytest.approx(2 / 4)
+    # Capacity 1 for the FFN experts 0, 1, 2 for expert 3: the first slot of each expert is kept.
+    kept = within_capacity(slot_expert, torch.tensor([1, 1, 0, 2]))
+    assert kept.tolist() == [[True, True], [True, False], [True, False]]
+    capped = build_plan(torch.where(kept, slot_expert, -1), slot_weight, num_experts=2)
+    assert capped.row_token.tolist() == [1, 0, -1, -1, -1, -1]
 
 
 def test_build_plan_from_mask_hand_case():
@@ -127,7 +130,6 @@ def test_build_plan_from_mask_hand_case():
     assert plan.row_weight.tolist() == [1.0, 21.0, 22.0, 3.0, 13.0]
     plan.row_weight.sum().backward()
     assert torch.equal(weight.grad, active.float())
-    assert plan.dropped_fraction.item() == 0.0
     empty = build_plan_from_mask(torch.zeros(2, 3, dtype=torch.bool), torch.zeros(2, 3))
     assert empty.row_token.numel() == 0 and empty.offs.tolist() == [0, 0, 0]
     assert empty.token_pos.tolist() == [[-1] * 3] * 2
@@ -155,6 +157,7 @@ def test_moepp_zero_copy_constant_semantics():
     assert y[0, 3].abs().sum() > 0                       # FFN expert 0
     assert aux.stats["zero_fraction"].item() == aux.stats["copy_fraction"].item() == 0.25
     assert aux.stats["constant_fraction"].item() == 0.25
+    assert aux.stats["zero_slot_fraction"].item() == aux.stats["constant_slot_fraction"].item() == 0.25  # top-1
     assert aux.stats["ffn_experts_per_token"].item() == 0.25
     assert aux.stats["tls"].item() == pytest.approx(1 - 0.25 / 2)
 
@@ -229,6 +232,72 @@ def test_capacity_factor_drops_later_tokens():
     torch.testing.assert_close(aux.expert_load, torch.tensor([6, 1, 1, 0]) / 8)  # demand, before drops
 
 
+@pytest.mark.parametrize("tokens, ffn, zero, copy, constant, tau, gamma, top_k", [
+    (100, 8, 1, 1, 2, 0.75, 1.0, 2),
+    (4096, 16, 1, 1, 2, 0.75, 1.25, 2),
+    (333, 32, 1, 1, 6, 0.1, 1.0, 2),
+    (50, 4, 2, 0, 1, 0.5, 2.0, 1),
+])
+def test_moepp_capacities_are_eq_8(tokens, ffn, zero, copy, constant, tau, gamma, top_k):
+    """MoE++ eq. 8 (arXiv:2410.07348): C_FFN = gamma tau T / (tau N_FFN + N_ZC), C_ZC = gamma T / (tau N_FFN + N_ZC),
+    T counting the T * k routed slots, rounded up."""
+    cfg = MoEConfig(router="moepp", num_experts=ffn, top_k=top_k, num_zero_experts=zero, num_copy_experts=copy,
+                    num_constant_experts=constant, tau=tau, capacity_factor=gamma)
+    slots, zc = tokens * top_k, zero + copy + constant
+    assert cfg.expert_capacity(tokens) == (math.ceil(gamma * tau * slots / (tau * ffn + zc)),
+                                           math.ceil(gamma * slots / (tau * ffn + zc)))
+
+
+def test_moepp_capacity_hand_case_and_reduction_to_top_k():
+    cfg = MoEConfig(router="moepp", num_experts=8, top_k=2, tau=0.75, capacity_factor=1.0)  # 1 zero, 1 copy, 2 constant
+    assert cfg.expert_capacity(100) == (15, 20)  # 200 slots / (0.75 * 8 + 4) = 20; 8 * 15 + 4 * 20 = 200
+    no_zc = MoEConfig(router="moepp", num_experts=8, top_k=2, tau=1.0, capacity_factor=1.25, num_zero_experts=0,
+                      num_copy_experts=0, num_constant_experts=0)
+    top_k = MoEConfig(router="topk", num_experts=8, top_k=2, capacity_factor=1.25)
+    assert no_zc.expert_capacity(100)[0] == top_k.expert_capacity(100)[0] == math.ceil(1.25 * 200 / 8)
+
+
+def test_moepp_capacity_drops_ffn_and_zero_computation_slots_first_come_first_served():
+    """Top-1 over basis tokens, FFN experts 0, 1; zero 2; copy 3; constant 4. T = 8, tau = 0.5, gamma = 1:
+    C_ZC = ceil(8 / (0.5 * 2 + 3)) = 2, C_FFN = ceil(0.5 * 2) = 1."""
+    common = dict(router="moepp", num_experts=2, top_k=1, d_ff=8, num_zero_experts=1, num_copy_experts=1,
+                  num_constant_experts=1, tau=0.5, gating_residual=False)
+    layer, dropless = MoE(5, MoEConfig(**common, capacity_factor=1.0)), MoE(5, MoEConfig(**common))
+    with torch.no_grad():
+        layer.router.weight.copy_(10 * torch.eye(5))
+    dropless.load_state_dict(layer.state_dict())
+    assert layer.config.expert_capacity(8) == (1, 2)
+    expert_of_token = [3, 3, 3, 4, 4, 4, 0, 0]  # copy x3, constant x3, FFN expert 0 x2
+    x = basis_tokens(expert_of_token, 5)[None] * torch.linspace(1.0, 2.0, 8)[None, :, None]
+    y, aux = layer(x)
+    y_ref, aux_ref = dropless(x)
+    kept = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0], dtype=torch.bool)  # the third copy, constant and second FFN slot drop
+    torch.testing.assert_close(y[0, kept], y_ref[0, kept])
+    assert torch.equal(y[0, ~kept], torch.zeros(3, 5))  # no copy of x, no constant vector, no FFN output
+    assert aux.stats["dropped_fraction"].item() == pytest.approx(1 / 2)
+    assert aux.stats["zc_dropped_fraction"].item() == pytest.approx(2 / 6)
+    assert aux_ref.stats["dropped_fraction"].item() == aux_ref.stats["zc_dropped_fraction"].item() == 0.0
+    torch.testing.assert_close(aux.expert_load, torch.tensor([2 / 8, 0.0]))  # demand, before drops
+    assert aux.stats["ffn_experts_per_token"].item() == pytest.approx(1 / 8)   # computed, after drops
+
+
+def test_expert_activation_defaults_per_router():
+    """BlockFFN's experts are non-gated SiLU FFNs (the reference's default); top-k and MoE++ keep SwiGLU."""
+    assert MoEConfig(router="blockffn").activation == "silu"
+    assert MoEConfig(router="topk").activation == MoEConfig(router="moepp").activation == "swiglu"
+    assert MoEConfig(router="blockffn", activation="swiglu").activation == "swiglu"
+    layer = MoE(4, MoEConfig(router="blockffn", num_experts=2, d_ff=8))
+    assert layer.experts.w_in.shape == (2, 8, 4)  # no gate half
+
+
+def test_load_summary():
+    summary = load_summary(torch.tensor([0.5, 0.25, 0.25, 0.0]))
+    assert summary["load_max"].item() == 0.5 and summary["load_min"].item() == 0.0
+    assert summary["load_cv"].item() == pytest.approx(math.sqrt((0.25**2 + 0.25**2) / 4) / 0.25)
+    assert load_summary(torch.full((4,), 0.5))["load_cv"].item() == 0.0
+    assert load_summary(torch.zeros(4))["load_cv"].item() == 0.0
+
+
 def test_blockffn_token_with_no_active_expert_gets_zero():
     cfg = MoEConfig(router="blockffn", num_experts=4, d_ff=8)
     layer = MoE(4, cfg)
@@ -288,6 +357,7 @@ def test_aux_free_bias_update_through_layer():
     ({"num_experts": 0}, "num_experts"),
     ({"capacity_factor": -1.0}, "capacity_factor"),
     ({"router": "moepp", "bias_update_rate": 0.001}, "bias_update_rate"),
+    ({"router": "moepp", "tau": 0.0, "capacity_factor": 1.0}, "tau"),
     ({"load_balance_coef": float("nan")}, "load_balance_coef"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
@@ -310,3 +380,18 @@ def test_input_shape_errors():
         layer(torch.randn(3, 8))
     with pytest.raises(ValueError, match="d_model must be"):
         MoE(0, MoEConfig())
+
+
+def test_moepp_slot_fractions_count_token_expert_slots():
+    """Top-2 over 2 FFN + 2 zero-computation experts: a token may send one slot to each kind, so the
+    token share that touches a kind (the *_fraction) and the slot share (*_slot_fraction) differ."""
+    cfg = MoEConfig(router="moepp", num_experts=2, top_k=2, d_ff=8, num_zero_experts=1, num_copy_experts=1,
+                    num_constant_experts=0, gating_residual=False)
+    layer = MoE(4, cfg)
+    with torch.no_grad():
+        layer.router.weight.copy_(10 * torch.eye(4))
+    # each token is the sum of two basis vectors: its two experts; experts 2 = zero, 3 = copy
+    x = (basis_tokens([0, 2, 3, 0], 4) + basis_tokens([1, 3, 1, 2], 4))[None]
+    _, aux = layer(x)
+    assert aux.stats["zero_fraction"].item() == 0.5 and aux.stats["zero_slot_fraction"].item() == 0.25
+    assert aux.stats["copy_fraction"].item() == 0.5 and aux.stats["copy_slot_fraction"].item() == 0.25

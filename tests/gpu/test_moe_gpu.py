@@ -16,14 +16,16 @@ from sparta.kernels.grouped_gemm import grouped_mm, torch_grouped_mm_supports  #
 from sparta.kernels.moe_permute import permute, unpermute, weighted_activation  # noqa: E402
 from sparta.kernels.moe_reference import grouped_mm_reference  # noqa: E402
 from sparta.moe import MoE, MoEConfig  # noqa: E402
+from sparta.moe.losses import document_positions  # noqa: E402
 from sparta.moe.metrics import routing_stats  # noqa: E402
 from sparta.moe.routers import blockffn_router_epilogue_torch  # noqa: E402
 
 CONFIGS = {
     "topk": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, num_shared_experts=1),
     "topk-capacity": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, capacity_factor=1.0),
-    "blockffn": MoEConfig(router="blockffn", num_experts=16, d_ff=64, activation="silu"),
+    "blockffn": MoEConfig(router="blockffn", num_experts=16, d_ff=64),
     "moepp": MoEConfig(router="moepp", num_experts=8, top_k=2, d_ff=128, activation="gelu"),
+    "moepp-capacity": MoEConfig(router="moepp", num_experts=8, top_k=2, d_ff=128, capacity_factor=1.0),
 }
 
 
@@ -38,8 +40,8 @@ def test_bf16_uses_torch_grouped_mm_on_hopper():
         assert torch_grouped_mm_supports(x, w)
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_cuda_bf16_layer_matches_cpu_fp32(name):
+@pytest.mark.parametrize("name, documents", [(name, False) for name in CONFIGS] + [("blockffn", True)])
+def test_cuda_bf16_layer_matches_cpu_fp32(name, documents):
     torch.manual_seed(0)
     cpu = MoE(256, CONFIGS[name])
     gpu = MoE(256, CONFIGS[name]).cuda()
@@ -55,12 +57,17 @@ def test_cuda_bf16_layer_matches_cpu_fp32(name):
     x = torch.randn(2, 128, 256).bfloat16()
     x_cpu = x.float().requires_grad_()
     x_gpu = x.cuda().requires_grad_()
-    y_cpu, aux_cpu = cpu(x_cpu)
-    y_gpu, aux_gpu = gpu(x_gpu)
+    doc_ids = (torch.rand(2, 128, generator=torch.Generator().manual_seed(1)) < 0.05).cumsum(1) if documents else None
+    y_cpu, aux_cpu = cpu(x_cpu, doc_ids=doc_ids)
+    y_gpu, aux_gpu = gpu(x_gpu, doc_ids=None if doc_ids is None else doc_ids.cuda())
     assert y_gpu.dtype == torch.bfloat16
     assert relative_error(y_gpu, y_cpu) < 3e-2
-    for key in ("tls", "cls8", "dropped_fraction"):
-        assert aux_gpu.stats[key].item() == pytest.approx(aux_cpu.stats[key].item(), abs=1e-6), key
+    assert aux_gpu.stats.keys() == aux_cpu.stats.keys()
+    for key in ("tls", "cls8", "cls64", "dropped_fraction", "zc_dropped_fraction"):
+        if key in aux_cpu.stats:
+            assert aux_gpu.stats[key].item() == pytest.approx(aux_cpu.stats[key].item(), abs=1e-6), key
+    for key, loss in aux_cpu.losses.items():
+        assert aux_gpu.losses[key].item() == pytest.approx(loss.item(), rel=1e-4), key
     grad_out = torch.randn_like(y_cpu)
     (y_cpu * grad_out).sum().backward()
     (y_gpu.float() * grad_out.cuda()).sum().backward()
@@ -125,18 +132,22 @@ def test_triton_grouped_mm_on_gpu(dtype):
     assert relative_error(w.grad, w_ref.grad) < tolerance
 
 
-@pytest.mark.parametrize("rate", [0.0625, 0.5])
-def test_blockffn_fused_router_and_stats_match_torch_at_16k_tokens(rate):
+@pytest.mark.parametrize("rate, documents", [(0.0625, False), (0.5, False), (0.0625, True)])
+def test_blockffn_fused_router_and_stats_match_torch_at_16k_tokens(rate, documents):
     """The fused BlockFFN router epilogue (fp32 router scores, as the layer always computes them, whatever
     the model dtype) and the fused routing statistics against the torch formulas at the benchmark's size:
-    2 sequences of 8192 tokens, E = 64, chunk 64. Tolerance: 1e-5 relative (max abs error / max abs
-    reference) on tensors and gradients, 1e-5 relative on the losses, 1e-6 absolute on the statistics."""
+    2 sequences of 8192 tokens, E = 64, chunk 64; with documents, packed ones of ~300 tokens on average.
+    Tolerance: 1e-5 relative (max abs error / max abs reference) on tensors and gradients, 1e-5 relative
+    on the losses, 1e-6 absolute on the statistics."""
     g = torch.Generator(device="cuda").manual_seed(0)
     batch, seq, experts = 2, 8192, 64
     normal = torch.distributions.Normal(0.0, 1.0)
     raw = 0.05 * (torch.randn(batch * seq, experts, device="cuda", generator=g) - normal.icdf(torch.tensor(1 - rate)).item())
     norm_weight = 0.5 + torch.rand(experts, device="cuda", generator=g)
-    options = dict(eps=1e-5, sharpness=100.0, chunk_size=64, locality_coef=2e-3, chunk_sparsity_coef=5e-2)
+    doc_pos = None
+    if documents:
+        doc_pos = document_positions((torch.rand(batch, seq, device="cuda", generator=g) < 1 / 300).cumsum(1))
+    options = dict(eps=1e-5, sharpness=100.0, chunk_size=64, locality_coef=2e-3, chunk_sparsity_coef=5e-2, doc_pos=doc_pos)
     grad_weights = torch.randn_like(raw)
     results = []
     for epilogue in (blockffn_router_epilogue, blockffn_router_epilogue_torch):
@@ -151,6 +162,7 @@ def test_blockffn_fused_router_and_stats_match_torch_at_16k_tokens(rate):
     for index, name in ((4, "locality"), (5, "chunk")):
         assert fused[index].item() == pytest.approx(reference[index].item(), rel=1e-5), name
     active, probs = fused[3].view(batch, seq, experts), fused[1]
-    stats, expected = routing_stats(active, probs), routing_stats(active.cpu(), probs.cpu())
+    stats = routing_stats(active, probs, doc_pos)
+    expected = routing_stats(active.cpu(), probs.cpu(), None if doc_pos is None else doc_pos.cpu())
     for key, value in expected.items():
         torch.testing.assert_close(stats[key].cpu(), value, rtol=0, atol=1e-6, msg=key)
