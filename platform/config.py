@@ -10,7 +10,9 @@ import types
 import typing
 from dataclasses import dataclass, fields
 
-from sparta.platform.lm import LMConfig
+from sparta.moe import MoEConfig
+from sparta.platform.data import TOKEN_DTYPES, check_corpus
+from sparta.platform.lm import FFN_KINDS, LMConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
@@ -25,8 +27,24 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class DataConfig:
     corpus: str
+    vocab_size: int
+    token_dtype: str
     seq_len: int
     val_fraction: float
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    expert: int
+
+
+@dataclass(frozen=True)
+class ChunkSparsityScheduleConfig:
+    enabled: bool
+    stable_steps: int
+    window_steps: int
+    max_factor: float
+    min_factor: float
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,8 @@ class TrainerConfig:
     max_failures: int
     seed: int
     inject_failure_at_step: int | None
+    peak_tflops: float | None
+    chunk_sparsity_schedule: ChunkSparsityScheduleConfig
 
 
 @dataclass(frozen=True)
@@ -85,15 +105,19 @@ class TrackingConfig:
     experiment: str
 
 
-# model.* are the architecture fields of LMConfig; the vocabulary size comes from the tokenizer.
-MODEL_KEYS = tuple(f.name for f in fields(LMConfig) if f.name != "vocab_size")
+# model.* are the architecture fields of LMConfig; the vocabulary and end-of-text token come from the
+# tokenizer, the MoE layers' config from the `moe` group.
+MODEL_KEYS = tuple(f.name for f in fields(LMConfig) if f.name not in ("vocab_size", "eot_id", "moe"))
+MOE_KEYS = tuple(f.name for f in fields(MoEConfig))
 
 
 @dataclass(frozen=True)
 class JobConfig:
     run_name: str | None
     model: dict
+    moe: dict
     data: DataConfig
+    parallel: ParallelConfig
     trainer: TrainerConfig
     deepspeed: DeepSpeedConfig
     cluster: ClusterConfig
@@ -104,10 +128,19 @@ class JobConfig:
         job = _build(cls, tree, "")
         _check_model(job.model)
         _check_ranges(job)
+        if job.model["ffn"] == "moe":
+            _check_moe(job)
+        try:
+            check_corpus(job.data.corpus, job.data.vocab_size, job.data.token_dtype)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         return job
 
-    def lm_config(self, vocab_size: int) -> LMConfig:
-        return LMConfig(vocab_size=vocab_size, **self.model)
+    def moe_config(self) -> MoEConfig | None:
+        return MoEConfig(**self.moe) if self.model["ffn"] == "moe" else None
+
+    def lm_config(self, vocab_size: int, eot_id: int | None = None) -> LMConfig:
+        return LMConfig(vocab_size=vocab_size, eot_id=eot_id, moe=self.moe_config(), **self.model)
 
 
 def _build(cls, tree, path: str):
@@ -173,9 +206,38 @@ def _check_model(model: dict) -> None:
         model[key] = _convert(hints[key], model[key], f"model.{key}")
 
 
+def _check_moe(job: JobConfig) -> None:
+    """The `moe` group maps onto MoEConfig: unknown keys, then MoEConfig's own checks, then the layout."""
+    for key in job.moe:
+        if key not in MOE_KEYS:
+            raise ConfigError(f"moe.{key}: unknown key; allowed keys under moe: {', '.join(MOE_KEYS)}")
+    try:
+        moe = job.moe_config()
+    except (TypeError, ValueError) as error:  # MoEConfig names the field as "MoEConfig.<field>"
+        raise ConfigError(str(error).replace("MoEConfig.", "moe.")) from None
+    m, ep = job.model, job.parallel.expert
+    if not any(LMConfig(vocab_size=1, moe=moe, **m).is_moe_layer(i) for i in range(m["n_layers"])):
+        raise ConfigError(f"model.first_dense_layers={m['first_dense_layers']}: expected < model.n_layers={m['n_layers']} "
+                          "so that model.ffn=moe has an MoE layer")
+    if moe.num_experts % ep:
+        raise ConfigError(f"parallel.expert={ep}: expected a divisor of moe.num_experts={moe.num_experts}")
+    if moe.router == "blockffn" and job.trainer.chunk_sparsity_schedule.enabled and moe.chunk_sparsity_coef <= 0:
+        raise ConfigError(f"moe.chunk_sparsity_coef={moe.chunk_sparsity_coef}: expected > 0 while "
+                          "trainer.chunk_sparsity_schedule.enabled=true (the schedule scales it)")
+
+
 def _check_ranges(job: JobConfig) -> None:
     m, d, t, ds = job.model, job.data, job.trainer, job.deepspeed
+    ep = job.parallel.expert
     checks = [
+        (m["ffn"] in FFN_KINDS, "model.ffn", f"one of {', '.join(FFN_KINDS)}", m["ffn"]),
+        (m["moe_every"] >= 1, "model.moe_every", ">= 1", m["moe_every"]),
+        (m["first_dense_layers"] >= 0, "model.first_dense_layers", ">= 0", m["first_dense_layers"]),
+        (ep >= 1, "parallel.expert", ">= 1", ep),
+        (ep == 1 or m["ffn"] == "moe", "parallel.expert", "1 for model.ffn=dense (no experts to shard)", ep),
+        (m["ffn"] == "dense" or ds.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
+         "0, 1 or 2 with model.ffn=moe (ZeRO-3 does not gather the grouped experts' weights for their backward)",
+         ds.zero_stage),
         *[(m[k] > 0, f"model.{k}", "> 0", m[k]) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")],
         (m["d_model"] % m["n_heads"] == 0 and (m["d_model"] // m["n_heads"]) % 2 == 0, "model.n_heads",
          f"a divisor of model.d_model={m['d_model']} leaving an even head dim", m["n_heads"]),
@@ -189,6 +251,15 @@ def _check_ranges(job: JobConfig) -> None:
         (t.max_failures >= -1, "trainer.max_failures", ">= 0, or -1 for unlimited", t.max_failures),
         (t.inject_failure_at_step is None or 1 <= t.inject_failure_at_step <= t.max_steps,
          "trainer.inject_failure_at_step", f"null or in 1..trainer.max_steps={t.max_steps}", t.inject_failure_at_step),
+        (t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops", "> 0 or null", t.peak_tflops),
+        *[(ok, f"trainer.chunk_sparsity_schedule.{key}", expected, getattr(t.chunk_sparsity_schedule, key))
+          for ok, key, expected in (
+              (t.chunk_sparsity_schedule.window_steps >= 1, "window_steps", ">= 1"),
+              (t.chunk_sparsity_schedule.stable_steps > t.chunk_sparsity_schedule.window_steps, "stable_steps",
+               f"> trainer.chunk_sparsity_schedule.window_steps={t.chunk_sparsity_schedule.window_steps}"),
+              (t.chunk_sparsity_schedule.max_factor >= 1, "max_factor", ">= 1"),
+              (t.chunk_sparsity_schedule.min_factor >= 1, "min_factor", ">= 1"))],
+        (d.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {', '.join(TOKEN_DTYPES)}", d.token_dtype),
         (ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "one of 0, 1, 2, 3", ds.zero_stage),
         (ds.precision in PRECISIONS, "deepspeed.precision", f"one of {', '.join(PRECISIONS)}", ds.precision),
         (ds.gradient_clipping >= 0, "deepspeed.gradient_clipping", ">= 0 (0 disables clipping)", ds.gradient_clipping),

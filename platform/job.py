@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
+from sparta.platform.data import open_corpus, prepare_corpus
+from sparta.platform.runs import CHECKPOINT_DIR_TAG
 from sparta.platform.tracking import Tracker, default_tracking_uri
 from sparta.platform.worker import WorkerArgs, train_worker
 
@@ -45,6 +47,9 @@ def plan_workers(job: JobConfig, resources: dict) -> WorkerPlan:
             f"trainer.num_workers={num_workers}: {num_workers} workers x trainer.cpus_per_worker="
             f"{trainer.cpus_per_worker} need {num_workers * trainer.cpus_per_worker} CPUs, the cluster has {cpus}; "
             f"expected trainer.num_workers <= {cpus // trainer.cpus_per_worker}")
+    if num_workers % job.parallel.expert:
+        raise ConfigError(f"parallel.expert={job.parallel.expert}: expected a divisor of the {num_workers} workers "
+                          "(trainer.num_workers)")
     deepspeed_config(job.deepspeed, trainer.max_steps, use_gpu)  # raises on a precision the workers can't run
     return WorkerPlan(num_workers, use_gpu)
 
@@ -77,19 +82,22 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     root.mkdir(parents=True, exist_ok=True)
     run_name = job.run_name or default_run_name
 
+    data = job.data
+    corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
     plan = connect_ray(job)
     tracker = Tracker(default_tracking_uri(job.tracking.uri, root))
     resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
     if not resumed:
-        tracker.log_params(params)
+        tracker.log_params({**params, **open_corpus(corpus_dir).params})
         tracker.log_text(resolved_yaml, "config.yaml")
+        tracker.set_tags({CHECKPOINT_DIR_TAG: str(root / "ray" / run_name)})
     print(f"[sparta] run {run_name}: {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} workers, "
           f"ZeRO-{job.deepspeed.zero_stage}, {job.trainer.max_steps} steps", flush=True)
 
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=WorkerArgs(job, plan.use_gpu, tracker.uri, tracker.run_id if tracker.enabled else None,
-                                     str(root / "ray" / run_name)),
+                                     str(root / "ray" / run_name), str(corpus_dir)),
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker,
                                                            **({"GPU": 1} if plan.use_gpu else {})}),

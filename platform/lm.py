@@ -1,15 +1,24 @@
-"""A decoder-only transformer language model (Llama-style: RMSNorm, rotary embeddings, SwiGLU, GQA).
+"""A decoder-only transformer language model (Llama-style: RMSNorm, rotary embeddings, SwiGLU, GQA),
+with dense or Mixture-of-Experts FFNs (`sparta.moe.MoE`: top-k, BlockFFN or MoE++ routers).
 
-One block is `x + attention(norm(x))` then `x + ffn(norm(x))`. `Attention` and `SwiGLU` are the
-extension points: sparse attention and MoE layers replace them with modules of the same signature.
+One block is `x + attention(norm(x))` then `x + ffn(norm(x))`. The FFN is a SwiGLU or an MoE layer
+(`ffn="moe"`: every `moe_every`-th block after the first `first_dense_layers`, as DeepSeek-MoE). The
+trainer's contract: `model(inputs, targets)` returns the loss to minimise (cross-entropy plus the MoE
+auxiliary losses) and a dict of detached metrics; `model(inputs)` returns the logits; and
+`flops_per_token` gives the model FLOPs for MFU.
 """
 
 import math
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sparta.moe import MoE, MoEAux, MoEConfig, load_summary
+
+FFN_KINDS = ("dense", "moe")
 
 
 @dataclass
@@ -25,6 +34,14 @@ class LMConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    ffn: str = "dense"             # "dense" (SwiGLU of width d_ff) | "moe" (sparta.moe.MoE, configured by `moe`)
+    moe_every: int = 1             # with ffn="moe": every n-th block has an MoE FFN ...
+    first_dense_layers: int = 0    # ... after this many dense blocks
+    moe: MoEConfig | None = None   # the MoE layers' config (ffn="moe")
+    eot_id: int | None = None      # end-of-text token: packed documents end there (MoE losses/CLS per document)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.ffn == "moe" and layer >= self.first_dense_layers and (layer - self.first_dense_layers) % self.moe_every == 0
 
 
 def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,50 +92,130 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, layer: int, ep_group=None):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.d_model, cfg.d_ff)
+        self.ffn = MoE(cfg.d_model, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
+                prev_router_logits: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.attention(self.attention_norm(x), cos, sin)
-        return x + self.ffn(self.ffn_norm(x))
+        if not isinstance(self.ffn, MoE):
+            return x + self.ffn(self.ffn_norm(x)), None
+        y, aux = self.ffn(self.ffn_norm(x), prev_router_logits=prev_router_logits, doc_ids=doc_ids)
+        return x + y, aux
 
 
 class TransformerLM(nn.Module):
-    def __init__(self, cfg: LMConfig):
+    """ep_group: the expert-parallel process group of the MoE layers (each rank builds its share of the
+    experts); the initial weights are the same whatever the layout."""
+
+    def __init__(self, cfg: LMConfig, ep_group=None):
         super().__init__()
+        if cfg.ffn not in FFN_KINDS or (cfg.ffn == "moe") != (cfg.moe is not None):
+            raise ValueError(f"model.ffn={cfg.ffn!r}: expected 'dense', or 'moe' together with an MoE config")
         self.cfg = cfg
+        init_seed = int(torch.randint(0, 2**62, ()))  # before the layers draw their own (layout-dependent) inits
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, layer, ep_group) for layer in range(cfg.n_layers))
+        self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
-        self._init_weights()
+        self._init_weights(init_seed, ep_group)
 
-    def _init_weights(self) -> None:
-        """GPT-2 init: N(0, std) everywhere, residual-branch outputs scaled by 1/sqrt(2 * n_layers)."""
+    def _init_weights(self, seed: int, ep_group) -> None:
+        """GPT-2 init: N(0, std) everywhere, residual-branch outputs scaled by 1/sqrt(2 * n_layers).
+
+        Each weight is drawn whole from a generator seeded by `seed` and its name, and a routed
+        expert weight (all experts) is then cut to this rank's slice: a run at any expert-parallel
+        size starts from the same model.
+        """
+        from sparta.platform.parallel import local_experts
+
+        ep_size = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue  # norm gains stay 1
             std = self.cfg.init_std
-            if name.endswith(("out_proj.weight", "down.weight")):
+            if name.endswith(("out_proj.weight", "down.weight", "w_out")):
                 std /= math.sqrt(2 * self.cfg.n_layers)
-            nn.init.normal_(param, mean=0.0, std=std)
+            is_expert = ".experts." in name
+            shape = (param.shape[0] * ep_size, *param.shape[1:]) if is_expert else param.shape
+            generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
+            whole = torch.empty(shape).normal_(0.0, std, generator=generator)
+            with torch.no_grad():
+                param.copy_(local_experts(whole, ep_group) if is_expert else whole)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens `[batch, seq]` -> logits `[batch, seq, vocab]`."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
+        """tokens `[batch, seq]` -> logits `[batch, seq, vocab]`; with next-token `targets`, instead
+        `(loss, metrics)`: the loss to minimise and detached metrics (`loss` the cross-entropy,
+        `aux_loss`, and per MoE layer `moe/layer_03/<stat>`, `.../expert_load` a vector)."""
         seq = tokens.shape[1]
         if seq > self.cfg.max_seq_len:
             raise ValueError(f"tokens: sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin = rotary_tables(seq, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
+        doc_ids = document_ids(tokens, self.cfg.eot_id) if self.moe_layers and self.cfg.eot_id is not None else None
         x = self.embed(tokens)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return self.head(self.norm(x))
+        auxes, router_logits = {}, None
+        for layer, block in enumerate(self.blocks):
+            x, aux = block(x, cos, sin, doc_ids, router_logits)
+            if aux is not None:
+                auxes[layer], router_logits = aux, aux.router_logits
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        loss = next_token_loss(logits, targets)
+        metrics = {"loss": loss.detach()}
+        if auxes:
+            aux_loss = sum(aux.loss for aux in auxes.values())
+            metrics["aux_loss"] = aux_loss.detach()
+            metrics.update(moe_metrics(auxes, self.cfg.moe))
+            loss = loss + aux_loss
+        return loss, metrics
+
+    def flops_per_token(self, seq_len: int, ffn_experts_per_token: dict[int, float] | None = None) -> float:
+        """Training FLOPs per token (forward + backward = 3x forward): 6 per active matmul weight
+        (routed experts counted `ffn_experts_per_token[layer]` times, the measured average, k for
+        top-k without drops) plus attention scores and values, 12 * n_layers * d_model * seq_len (the
+        PaLM / Megatron convention, causal half included). Embedding lookups are not FLOPs."""
+        cfg = self.cfg
+        active = 0
+        for layer, block in enumerate(self.blocks):
+            for name, param in block.named_parameters():
+                if param.dim() < 2:
+                    continue
+                if ".experts." in f".{name}":
+                    per_token = (ffn_experts_per_token or {}).get(layer, cfg.moe.top_k)
+                    active += param.numel() // param.shape[0] * per_token  # one expert's weights
+                else:
+                    active += param.numel()
+        active += self.head.weight.numel()
+        return 6.0 * active + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """[batch, seq] id of the packed document of each token: the end-of-text tokens before it."""
+    is_end = (tokens == eot_id).to(torch.int32)
+    return is_end.cumsum(1) - is_end
+
+
+def moe_metrics(auxes: dict[int, MoEAux], cfg: MoEConfig) -> dict[str, torch.Tensor]:
+    """Per MoE layer: its routing stats, the expert load (a vector) and its max / min / coefficient
+    of variation, and for BlockFFN the unweighted chunk-sparsification loss (what the trainer's
+    schedule of its weight measures)."""
+    metrics = {}
+    for layer, aux in auxes.items():
+        prefix = f"moe/layer_{layer:02d}/"
+        metrics.update({prefix + k: v.detach().float() for k, v in aux.stats.items()})
+        metrics.update({prefix + k: v for k, v in load_summary(aux.expert_load).items()})
+        metrics[prefix + "expert_load"] = aux.expert_load.float()
+        if "chunk_sparsity" in aux.losses and cfg.chunk_sparsity_coef > 0:
+            metrics[prefix + "chunk_sparsity_loss"] = aux.losses["chunk_sparsity"].detach() / cfg.chunk_sparsity_coef
+    return metrics
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -115,6 +115,36 @@ class Tracker:
 
         self._call("log the loss curve", plot)
 
+    def log_figure(self, figure, name: str) -> None:
+        def log(client):
+            import matplotlib.pyplot as plt
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / name
+                figure.savefig(path, dpi=120, bbox_inches="tight")
+                client.log_artifact(self.run_id, str(path))
+            plt.close(figure)
+
+        self._call(f"log {name}", log)
+
+    def log_moe_plots(self, expert_loads, cls_by_layer: dict[str, list[float]]) -> None:
+        """expert_load.png: each MoE layer's expert load over training (an `ExpertLoadHistory`);
+        cls_by_chunk_size.png: each layer's final chunk-level sparsity against the chunk size."""
+        if not expert_loads.steps:
+            return
+        import numpy as np
+
+        from sparta.moe import CLS_CHUNK_SIZES
+        from sparta.platform import plots
+
+        layers = sorted(expert_loads.loads)
+        load = np.stack([np.asarray(expert_loads.loads[layer]) for layer in layers], axis=1)  # [steps, L, E]
+        self.log_figure(plots.expert_load_heatmap(np.asarray(expert_loads.steps), load, layers), "expert_load.png")
+        if cls_by_layer:
+            names = sorted(cls_by_layer)
+            cls = np.asarray([cls_by_layer[name] for name in names])
+            self.log_figure(plots.cls_by_chunk_size(np.asarray(CLS_CHUNK_SIZES), cls, names), "cls_by_chunk_size.png")
+
     def end_run(self, status: str) -> None:
         self._call("end the run", lambda c: c.set_terminated(self.run_id, status=status))
 

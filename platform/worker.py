@@ -1,28 +1,37 @@
 """The training loop that runs in every Ray Train worker: one DeepSpeed engine per worker.
 
-Ray Train has already created the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps the
-model on top of it. Checkpoints are DeepSpeed checkpoints reported to Ray Train, which keeps the
-newest `keep_checkpoints` and hands the latest back after a restart, so a resumed worker group
-continues at the next step with the same weights, optimizer state, LR schedule and batches.
+Ray Train has already created the process group (gloo on CPU, NCCL on GPU); megatron-core cuts the
+expert-parallel groups out of it (`parallel.py`) and DeepSpeed wraps the model on top. The model is
+used only through its contract: `engine(inputs, targets)` gives the loss and a dict of metrics, and
+`model.flops_per_token` the FLOPs for MFU. Checkpoints are layout-independent (`checkpoint.py`)
+reported to Ray Train, which keeps the newest `keep_checkpoints` and hands the latest back after a
+restart, so a resumed worker group continues at the next step with the same weights, optimizer
+state, LR schedule and batches, at any expert-parallel size.
 """
 
 import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from sparta.moe import ChunkSparsityScheduler, MoE
+from sparta.platform import checkpoint
 from sparta.platform.config import JobConfig, deepspeed_config
-from sparta.platform.data import TokenBatches, tokenize_corpus
-from sparta.platform.lm import TransformerLM, next_token_loss
+from sparta.platform.data import TokenBatches, open_corpus
+from sparta.platform.lm import TransformerLM
+from sparta.platform.parallel import initialize_expert_parallel, mark_expert_parameters
 from sparta.platform.tracking import Tracker, system_info
 
 # Ray Train routes worker logging (and print) to the driver's console and to its log files.
 log = logging.getLogger("sparta")
+
+# Dense bf16 tensor-core peak (datasheet, no sparsity) by device name, for MFU.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0}
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,7 @@ class WorkerArgs:
     tracking_uri: str
     mlflow_run_id: str | None
     run_dir: str  # survives worker restarts: holds the fault drill's marker
+    corpus_dir: str  # the prepared token cache (`sparta.platform.data.prepare_corpus`)
 
 
 class InjectedFailure(RuntimeError):
@@ -48,9 +58,13 @@ def train_worker(args: WorkerArgs) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.use_gpu else torch.device("cpu")
     deepspeed.utils.logger.setLevel("WARNING")
 
-    splits = tokenize_corpus(job.data.corpus, job.data.val_fraction)
-    torch.manual_seed(trainer.seed)  # identical initial weights on every rank
-    model = TransformerLM(job.lm_config(splits.vocab_size))
+    corpus = open_corpus(Path(args.corpus_dir))
+    ep_group, expert_groups = initialize_expert_parallel(job.parallel.expert)
+    torch.manual_seed(trainer.seed)  # identical initial weights on every rank, whatever the layout
+    model = TransformerLM(job.lm_config(corpus.vocab_size, corpus.eot_id), ep_group)
+    if expert_groups is not None:
+        model.add_module("expert_groups", expert_groups)
+        mark_expert_parameters(model, expert_groups.expert_group_name)
     ds = job.deepspeed
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -58,12 +72,14 @@ def train_worker(args: WorkerArgs) -> None:
         config=deepspeed_config(ds, trainer.max_steps, args.use_gpu),
         dist_init_required=False,
     )
-    step = restore_checkpoint(engine)
-
-    train_batches = TokenBatches(splits.train, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed)
-    val_batches = TokenBatches(splits.val, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed,
-                               shuffle=False)
     accumulation = ds.gradient_accumulation_steps
+    state = restore_checkpoint(engine, model, ep_group, accumulation)
+    step = state.get("step", 0)
+    schedule = chunk_sparsity_schedule(job, model, state.get("chunk_sparsity_schedule"))
+
+    train_batches = TokenBatches(corpus.train, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed)
+    val_batches = TokenBatches(corpus.val, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed,
+                               shuffle=False)
     tokens_per_step = world_size * accumulation * ds.micro_batch_size * job.data.seq_len
 
     tracker = Tracker(args.tracking_uri, args.mlflow_run_id) if rank == 0 and args.mlflow_run_id else None
@@ -71,41 +87,176 @@ def train_worker(args: WorkerArgs) -> None:
         tracker.set_tags({**system_info(), "system.world_size": world_size,
                           "system.device": torch.cuda.get_device_name() if args.use_gpu else "cpu"})
     progress = Progress(trainer.max_steps, step) if rank == 0 else None
+    peak_flops = peak_tflops(trainer.peak_tflops, args.use_gpu) * 1e12 if args.use_gpu else None
+    expert_loads = ExpertLoadHistory.from_state(state.get("expert_load"))
+    # What a checkpoint needs to be found and rebuilt on its own (launch/export.py, launch/eval.py).
+    run_record = {"model_config": asdict(model.cfg), "corpus_dir": args.corpus_dir, "seq_len": job.data.seq_len,
+                  "mlflow_run_id": args.mlflow_run_id, "tracking_uri": args.tracking_uri}
 
     # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
     # ZeRO clips without keeping it, so the loop measures it there.
     reports_grad_norm = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
-    interval_loss, interval_steps = torch.zeros((), device=device), 0
+    interval = MetricSums()
     while step < trainer.max_steps:
         step += 1
         if step == trainer.inject_failure_at_step and rank == 0:
             inject_failure_once(Path(args.run_dir), step)
+        chunk_loss = torch.zeros((), device=device)
         for micro in range(accumulation):
             inputs, targets = train_batches.get((step - 1) * accumulation + micro)
-            loss = next_token_loss(engine(inputs.to(device)), targets.to(device))
+            loss, step_metrics = engine(inputs.to(device), targets.to(device))
             engine.backward(loss)
             if micro == accumulation - 1 and not reports_grad_norm:
                 own_grad_norm = gradient_norm(model)  # whole, all-reduced gradients at the boundary
             engine.step()
-            interval_loss += loss.detach() / accumulation
-        interval_steps += 1
+            interval.add(step_metrics, 1 / accumulation)
+            if schedule:
+                chunk_loss += mean_over_layers(step_metrics, "chunk_sparsity_loss") / accumulation
+        if schedule:
+            dist.all_reduce(chunk_loss)
+            set_chunk_sparsity_coef(model, schedule.update(chunk_loss.item() / world_size))
 
         metrics = {}
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            dist.all_reduce(interval_loss)
-            metrics["train/loss"] = interval_loss.item() / (world_size * interval_steps)
+            metrics = interval.mean()
+            expert_loads.add(step, {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("/expert_load")]})
+            metrics = {f"train/{k}" if k in ("loss", "aux_loss") else k: v for k, v in metrics.items()}
+            metrics.update(model_wide_means(metrics))
+            if schedule:
+                metrics["moe/chunk_sparsity_coef"] = schedule.coef
             metrics["train/lr"] = engine.get_lr()[0]
             metrics["train/grad_norm"] = float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
-            interval_loss.zero_()
-            interval_steps = 0
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
             metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device)
         if progress and metrics:
-            metrics["train/tokens_per_s"] = progress.update(step, tokens_per_step, metrics)
+            tokens_per_s = progress.tokens_per_s(step, tokens_per_step)
+            metrics["train/tokens_per_s"] = tokens_per_s
+            if peak_flops and "train/loss" in metrics:
+                metrics["train/mfu"] = tokens_per_s / world_size * model.flops_per_token(
+                    job.data.seq_len, layer_experts_per_token(metrics)) / peak_flops
+            progress.show(step, metrics)
         if tracker and metrics:
             tracker.log_metrics(metrics, step)
         if step % trainer.checkpoint_every == 0 or step == trainer.max_steps:
-            save_checkpoint(engine, step, {"step": step, **metrics})
+            save_checkpoint(engine, model, ep_group, rank,
+                            {"step": step, **run_record, "expert_load": expert_loads.state(),
+                             "chunk_sparsity_schedule": schedule.state_dict() if schedule else None},
+                            {"step": step, **{k: v for k, v in metrics.items() if k in ("train/loss", "val/loss")}})
+    if tracker:
+        tracker.log_moe_plots(expert_loads, last_layer_cls(metrics))
+
+
+class MetricSums:
+    """Running sums of the model's metrics over a logging interval, on the device (no host sync per step)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0.0
+
+    def add(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
+        for key, value in metrics.items():
+            value = value.detach().float() * weight
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += weight
+
+    def mean(self, all_ranks: bool = True) -> dict[str, float | torch.Tensor]:
+        """Mean per step (and rank): scalars as floats, vectors (expert loads) as CPU tensors; resets."""
+        keys = sorted(self.sums)
+        flat = torch.cat([self.sums[k].reshape(-1) for k in keys])
+        ranks = 1
+        if all_ranks:
+            dist.all_reduce(flat)
+            ranks = dist.get_world_size()
+        flat = (flat / (ranks * self.steps)).cpu()
+        means = {}
+        for key, part in zip(keys, flat.split([self.sums[k].numel() for k in keys])):
+            means[key] = part.item() if self.sums[key].dim() == 0 else part
+        self.sums, self.steps = {}, 0.0
+        return means
+
+
+def chunk_sparsity_schedule(job: JobConfig, model, state: dict | None) -> ChunkSparsityScheduler | None:
+    """BlockFFN's adaptive chunk-sparsity weight (`trainer.chunk_sparsity_schedule`), restored from
+    the checkpoint's state if there is one; None for other routers or when it is off."""
+    settings = job.trainer.chunk_sparsity_schedule
+    moe = model.cfg.moe
+    if moe is None or moe.router != "blockffn" or not settings.enabled:
+        return None
+    schedule = ChunkSparsityScheduler(moe.chunk_sparsity_coef, stable_steps=settings.stable_steps,
+                                      window_steps=settings.window_steps, max_factor=settings.max_factor,
+                                      min_factor=settings.min_factor)
+    if state:
+        schedule.load_state_dict(state)
+        set_chunk_sparsity_coef(model, schedule.coef)
+    return schedule
+
+
+def set_chunk_sparsity_coef(model, coef: float) -> None:
+    """Every MoE layer reads its config's coefficient at each forward."""
+    for module in model.modules():
+        if isinstance(module, MoE):
+            module.config.chunk_sparsity_coef = coef
+
+
+def mean_over_layers(metrics: dict, stat: str) -> torch.Tensor:
+    values = [v for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith(f"/{stat}")]
+    return torch.stack(values).mean()
+
+
+def model_wide_means(metrics: dict) -> dict[str, float]:
+    """`moe/<stat>`: the mean over MoE layers of every per-layer `moe/layer_03/<stat>`."""
+    per_stat: dict[str, list[float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("moe/layer_"):
+            per_stat.setdefault(key.rsplit("/", 1)[1], []).append(value)
+    return {f"moe/{stat}": sum(values) / len(values) for stat, values in per_stat.items()}
+
+
+def layer_experts_per_token(metrics: dict) -> dict[int, float]:
+    return {int(k.split("/")[1].removeprefix("layer_")): v for k, v in metrics.items()
+            if k.startswith("moe/layer_") and k.endswith("/ffn_experts_per_token")}
+
+
+def last_layer_cls(metrics: dict) -> dict[str, list[float]]:
+    """{layer name: [CLS at chunk 2, 4, ..., 64]} from the last logged metrics."""
+    from sparta.moe import CLS_CHUNK_SIZES
+
+    layers = sorted({k.split("/")[1] for k in metrics if k.startswith("moe/layer_")})
+    return {layer: [metrics[f"moe/{layer}/cls{size}"] for size in CLS_CHUNK_SIZES] for layer in layers
+            if f"moe/{layer}/cls2" in metrics}
+
+
+class ExpertLoadHistory:
+    """Rank 0's record of every MoE layer's expert load at each logging step (checkpointed, plotted at the end)."""
+
+    def __init__(self, steps: list[int], loads: dict[str, list[list[float]]]):
+        self.steps, self.loads = steps, loads
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> "ExpertLoadHistory":
+        return cls(list(state["steps"]), dict(state["loads"])) if state else cls([], {})
+
+    def add(self, step: int, loads: dict[str, torch.Tensor]) -> None:
+        if not loads:
+            return
+        if self.steps and self.steps[-1] >= step:  # steps re-run after a restart replace the old record
+            keep = sum(1 for s in self.steps if s < step)
+            self.steps = self.steps[:keep]
+            self.loads = {k: v[:keep] for k, v in self.loads.items()}
+        self.steps.append(step)
+        for key, load in loads.items():
+            self.loads.setdefault(key.split("/")[1], []).append(load.tolist())
+
+    def state(self) -> dict:
+        return {"steps": self.steps, "loads": self.loads}
+
+
+def peak_tflops(configured: float | None, use_gpu: bool) -> float | None:
+    """The device's dense bf16 peak (trainer.peak_tflops, else looked up by name); None: MFU not logged."""
+    if configured is not None or not use_gpu:
+        return configured
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
@@ -113,27 +264,32 @@ def gradient_norm(model: torch.nn.Module) -> torch.Tensor:
 
 
 def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (and embeddings), not norm gains: the usual LLM recipe."""
+    """Decay matrices (and embeddings), not norm gains: the usual LLM recipe. Named, as DeepSpeed's
+    split of expert parameters into their own groups requires."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+            {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
 def evaluate(engine, batches: TokenBatches, max_batches: int, device: torch.device) -> float:
+    """Mean next-token cross-entropy (without the MoE auxiliary losses) over the validation batches."""
     engine.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, batch count
     for index in range(min(max_batches, batches.num_batches)):
         inputs, targets = batches.get(index)
-        total[0] += next_token_loss(engine(inputs.to(device)), targets.to(device)).double()
+        _, metrics = engine(inputs.to(device), targets.to(device))
+        total[0] += metrics["loss"].double()
         total[1] += 1
     dist.all_reduce(total)
     engine.train()
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(engine, step: int, metrics: dict) -> None:
-    """All ranks write their DeepSpeed shards locally; Ray Train uploads them as one checkpoint.
+def save_checkpoint(engine, model, ep_group, rank: int, state: dict, metrics: dict) -> None:
+    """Every rank helps gather the whole model and optimizer state; rank 0 writes it and Ray Train
+    uploads it as one checkpoint.
 
     The upload finishes before `report` returns and only then does the checkpoint become the one a
     restart resumes from, so a crash mid-save never leaves a half-written "latest" checkpoint.
@@ -141,22 +297,22 @@ def save_checkpoint(engine, step: int, metrics: dict) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="sparta-ckpt-") as local_dir:
-        engine.save_checkpoint(local_dir, tag=f"step_{step:07d}", client_state={"step": step})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir))
+        checkpoint.save(engine, model, ep_group, Path(local_dir) if rank == 0 else None, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir) if rank == 0 else None)
 
 
-def restore_checkpoint(engine) -> int:
-    """Load Ray Train's latest checkpoint into the engine if there is one; returns the step it ended."""
+def restore_checkpoint(engine, model, ep_group, accumulation: int) -> dict:
+    """Load Ray Train's latest checkpoint into the engine if there is one; returns its trainer state
+    (`step`: the step it ended, ...), {} for a fresh run."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0
-    with checkpoint.as_directory() as directory:
-        load_path, client_state = engine.load_checkpoint(directory)
-    if load_path is None:
-        raise RuntimeError(f"checkpoint {checkpoint.path}: no DeepSpeed checkpoint inside")
-    return client_state["step"]
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return {}
+    with latest.as_directory() as directory:
+        state = checkpoint.load(engine, model, ep_group, Path(directory))
+    engine.global_steps, engine.micro_steps = state["step"], state["step"] * accumulation
+    return state
 
 
 def inject_failure_once(run_dir: Path, step: int) -> None:
@@ -169,7 +325,7 @@ def inject_failure_once(run_dir: Path, step: int) -> None:
 
 
 class Progress:
-    """Rank 0's console line: step, loss, tokens/s and ETA since this launch (or resume) started."""
+    """Rank 0's console line: step, loss, sparsity, tokens/s and ETA since this launch (or resume) started."""
 
     def __init__(self, max_steps: int, first_step: int):
         self.max_steps, self.first_step = max_steps, first_step
@@ -178,20 +334,29 @@ class Progress:
         if first_step:
             log.info(f"[sparta] resumed from the checkpoint at step {first_step}")
 
-    def update(self, step: int, tokens_per_step: int, metrics: dict) -> float:
+    def tokens_per_s(self, step: int, tokens_per_step: int) -> float:
         now = time.perf_counter()
-        tokens_per_s = tokens_per_step * (step - self.last_step) / max(now - self.last, 1e-9)
-        eta = (now - self.start) / (step - self.first_step) * (self.max_steps - step)
+        rate = tokens_per_step * (step - self.last_step) / max(now - self.last, 1e-9)
+        self.last, self.last_step = now, step
+        return rate
+
+    def show(self, step: int, metrics: dict) -> None:
+        eta = (self.last - self.start) / (step - self.first_step) * (self.max_steps - step)
         parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"]
         if "train/loss" in metrics:
             parts += [f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
                       f"grad {metrics['train/grad_norm']:.3f}"]
+        if "moe/tls" in metrics:
+            zero_computation = sum(metrics.get(f"moe/{k}_slot_fraction", 0.0) for k in ("zero", "copy", "constant"))
+            parts.append(f"tls {metrics['moe/tls']:.1%} cls8 {metrics['moe/cls8']:.1%}"
+                         + (f" zc slots {zero_computation:.1%}" if "moe/zero_slot_fraction" in metrics else ""))
         if "val/loss" in metrics:
             parts.append(f"val {metrics['val/loss']:.4f} (ppl {math.exp(metrics['val/loss']):.1f})")
-        parts += [f"{tokens_per_s / 1000:.1f}k tok/s", f"eta {format_seconds(eta)}"]
+        parts.append(f"{metrics['train/tokens_per_s'] / 1000:.1f}k tok/s")
+        if "train/mfu" in metrics:
+            parts.append(f"mfu {metrics['train/mfu']:.1%}")
+        parts.append(f"eta {format_seconds(eta)}")
         log.info("[sparta] " + " | ".join(parts))
-        self.last, self.last_step = now, step
-        return tokens_per_s
 
 
 def format_seconds(seconds: float) -> str:

@@ -28,7 +28,7 @@ def compose_job(*overrides: str) -> JobConfig:
 def test_default_and_every_group_option_compose_and_validate():
     job = compose_job()
     assert job.deepspeed.zero_stage == 2 and job.cluster.name == "local" and job.model["d_model"] == 128
-    for group in ("model", "data", "trainer", "deepspeed", "cluster", "experiment"):
+    for group in ("model", "moe", "data", "trainer", "deepspeed", "cluster", "experiment"):
         for option in sorted((CONFIGS / group).glob("*.yaml")):
             compose_job(f"{group}={option.stem}")
     small_gpu = compose_job("experiment=small_gpu")
@@ -55,10 +55,51 @@ def test_zero_stage_options_set_the_stage():
     ("trainer.inject_failure_at_step=301", r"trainer.inject_failure_at_step=301: expected null or in 1..trainer.max_steps=300"),
     ("cluster.name=k8s", r"cluster.name='k8s': expected one of local, ray"),
     ("deepspeed.optimizer.betas=[0.9]", r"deepspeed.optimizer.betas=\[0.9\]: expected a list of 2 numbers"),
+    ("model.ffn=sparse", r"model.ffn='sparse': expected one of dense, moe"),
+    ("parallel.expert=2", r"parallel.expert=2: expected 1 for model.ffn=dense"),
+    ("data.token_dtype=int8", r"data.token_dtype='int8': expected one of uint16, uint32"),
+    ("data.vocab_size=70000", r"data.vocab_size=70000: .*uint16"),
+    ("data.corpus=/no/such/dir/*.txt", r"data.corpus='/no/such/dir/\*.txt': "),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
         compose_job(override)
+
+
+MOE = ("model.ffn=moe", "moe.num_experts=4")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ((*MOE, "+moe.experts=4"), r"moe.experts: unknown key; allowed keys under moe: router, num_experts, "),
+    ((*MOE, "moe.top_k=5"), r"moe.top_k=5 must be <= the 4 experts"),
+    ((*MOE, "moe=moepp", "moe.top_k=9"), r"moe.top_k=9 must be <= the 8 experts .*zero-computation"),
+    ((*MOE, "moe.router=switch"), r"moe.router must be one of \('topk', 'blockffn', 'moepp'\), got 'switch'"),
+    ((*MOE, "parallel.expert=3"), r"parallel.expert=3: expected a divisor of moe.num_experts=4"),
+    ((*MOE, "deepspeed=zero3"), r"deepspeed.zero_stage=3: expected 0, 1 or 2 with model.ffn=moe"),
+    ((*MOE, "model.first_dense_layers=4"), r"model.first_dense_layers=4: expected < model.n_layers=4"),
+    ((*MOE, "moe=blockffn", "moe.chunk_sparsity_coef=0"), r"moe.chunk_sparsity_coef=0: expected > 0 while"),
+    (("trainer.chunk_sparsity_schedule.stable_steps=50",), r"trainer.chunk_sparsity_schedule.stable_steps=50: expected > "),
+])
+def test_impossible_moe_and_parallel_settings_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        compose_job(*overrides)
+
+
+def test_moe_presets_map_onto_the_layer_config():
+    blockffn = compose_job("model.ffn=moe", "moe=blockffn").moe_config()
+    assert blockffn.router == "blockffn" and blockffn.activation == "silu"  # the paper's non-gated expert, explicit
+    moepp = compose_job("model.ffn=moe", "moe=moepp", "moe.tau=0.5").moe_config()
+    assert moepp.router == "moepp" and moepp.tau == 0.5 and moepp.activation == "swiglu"
+    assert compose_job().moe_config() is None  # model.ffn=dense: the moe group is not used
+    lm = compose_job("experiment=lm_topk").lm_config(vocab_size=8192, eot_id=0)
+    assert lm.ffn == "moe" and lm.moe.num_experts == 16 and lm.d_model == 768
+
+
+def test_expert_parallel_size_must_divide_the_workers():
+    job = compose_job("model.ffn=moe", "moe.num_experts=4", "parallel.expert=4")
+    with pytest.raises(ConfigError, match=r"parallel.expert=4: expected a divisor of the 2 workers"):
+        plan_workers(job, {"CPU": 2})
+    assert plan_workers(job, {"CPU": 16, "GPU": 8}).num_workers == 8
 
 
 def test_missing_key_is_named():

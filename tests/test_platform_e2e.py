@@ -6,47 +6,17 @@ Each run trains the `smoke` experiment (a 2-layer model, 30 steps, checkpoints e
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
 import time
 import urllib.request
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
+from e2e_helpers import REPO, checkpoints, free_port, history, mlflow_runs, train
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def train(root: Path, *overrides: str, ok: bool = True, multirun: bool = False) -> str:
-    command = [sys.executable, str(REPO / "launch" / "train.py"), *(["-m"] if multirun else []),
-               "experiment=smoke", f"cluster.root={root}", *overrides]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    if (proc.returncode == 0) != ok:
-        pytest.fail(f"{' '.join(command[1:])} exited {proc.returncode}:\n{output[-6000:]}")
-    return output
-
-
-def mlflow_runs(root: Path) -> tuple[MlflowClient, dict]:
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("sparta")
-    return client, {run.info.run_name: run for run in client.search_runs([experiment.experiment_id])}
-
-
-def history(client: MlflowClient, run_id: str, key: str) -> dict[int, list[float]]:
-    by_step = defaultdict(list)
-    for metric in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):
-        by_step[metric.step].append(metric.value)
-    return dict(by_step)
-
-
-def checkpoints(root: Path, run_name: str) -> list[Path]:
-    return sorted(p for p in (root / "ray" / run_name).glob("checkpoint_*") if p.is_dir())
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +45,8 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
         kept = checkpoints(swept_store, name)
         assert len(kept) == 2  # trainer.keep_checkpoints
         final = kept[-1]
-        assert (final / "latest").read_text().strip() == "step_0000030"
-        shards = sorted(p.name for p in (final / "step_0000030").iterdir())
-        assert shards == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        assert json.loads((final / "state.json").read_text())["step"] == 30
+        assert sorted(p.name for p in final.iterdir()) == ["model.safetensors", "optimizer.safetensors", "state.json"]
     assert stages == {"1", "2"}
 
 
@@ -116,12 +84,6 @@ def test_relaunch_resumes_the_run_and_its_mlflow_record_zero3(tmp_path):
     assert sorted(loss) == list(range(1, 31))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_job_submit_to_a_local_cluster(tmp_path):
     """`ray start --head`, then `ray job submit --working-dir .` (token auth on) of the stdlib check and of
     a training job (ZeRO-0) whose MLflow server cannot be reached: both succeed, the cluster is stopped."""
@@ -148,7 +110,7 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
         assert output.count("training continues without tracking") == 1
         assert "run submitted finished at step 6" in output
         assert "step 6/6 | loss" in output and "| grad " in output
-        assert (checkpoints(tmp_path, "submitted")[-1] / "latest").read_text().strip() == "step_0000006"
+        assert json.loads((checkpoints(tmp_path, "submitted")[-1] / "state.json").read_text())["step"] == 6
     finally:
         subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
 

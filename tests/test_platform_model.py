@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparta.platform.lm import Attention, LMConfig, TransformerLM, apply_rotary, next_token_loss, rotary_tables
+from sparta.moe import MoEConfig
+from sparta.platform.lm import (
+    Attention,
+    LMConfig,
+    TransformerLM,
+    apply_rotary,
+    document_ids,
+    next_token_loss,
+    rotary_tables,
+)
 
 
 def tiny(**overrides) -> LMConfig:
@@ -85,3 +94,69 @@ def test_too_long_sequence_names_max_seq_len():
     model = TransformerLM(tiny(max_seq_len=8))
     with pytest.raises(ValueError, match="model.max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def moe_lm(router: str = "topk", **overrides) -> TransformerLM:
+    moe = MoEConfig(router=router, num_experts=4, top_k=2, d_ff=16)
+    return TransformerLM(tiny(ffn="moe", moe=moe, n_layers=4, eot_id=0, **overrides))
+
+
+def test_moe_layers_are_placed_by_first_dense_layers_and_moe_every():
+    torch.manual_seed(0)
+    model = moe_lm(first_dense_layers=1, moe_every=2)
+    assert model.moe_layers == [1, 3]
+    assert [type(block.ffn).__name__ for block in model.blocks] == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
+
+
+@pytest.mark.parametrize("router", ["topk", "blockffn", "moepp"])
+def test_moe_lm_loss_is_cross_entropy_plus_the_aux_losses_and_trains(router):
+    torch.manual_seed(0)
+    model = moe_lm(router)
+    tokens = torch.randint(1, 97, (4, 17))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    loss, metrics = model(inputs, targets)
+    torch.testing.assert_close(metrics["loss"], next_token_loss(model(inputs), targets))
+    torch.testing.assert_close(loss, metrics["loss"] + metrics["aux_loss"])
+    assert metrics["aux_loss"] > 0
+    for layer in model.moe_layers:
+        assert metrics[f"moe/layer_{layer:02d}/expert_load"].shape == (4,)
+        assert 0 <= metrics[f"moe/layer_{layer:02d}/tls"] <= 1
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    first = loss.item()
+    for _ in range(30):
+        loss, _ = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.6 * first
+
+
+def test_moepp_router_logits_travel_to_the_next_moe_layer():
+    """Gating residual: each MoE++ layer after the first gets the previous one's router logits."""
+    torch.manual_seed(0)
+    model = moe_lm("moepp")
+    received = []
+    for layer in model.moe_layers:
+        model.blocks[layer].ffn.register_forward_hook(
+            lambda module, args, kwargs, out: received.append(kwargs["prev_router_logits"]), with_kwargs=True)
+    model(torch.randint(1, 97, (2, 8)))
+    assert received[0] is None and all(r is not None and r.shape == (2, 8, 8) for r in received[1:])
+
+
+def test_document_ids_count_the_end_of_text_tokens_before_each_position():
+    tokens = torch.tensor([[5, 0, 7, 8, 0, 0, 9], [0, 1, 2, 3, 4, 5, 6]])
+    assert document_ids(tokens, eot_id=0).tolist() == [[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]]
+
+
+def test_flops_per_token_counts_the_experts_a_token_uses():
+    torch.manual_seed(0)
+    dense = TransformerLM(tiny())
+    matmul = sum(p.numel() for n, p in dense.blocks.named_parameters() if p.dim() >= 2) + 97 * 32
+    attention = 12 * 2 * 32 * 16
+    assert dense.flops_per_token(16) == 6 * matmul + attention
+    moe = moe_lm()  # 4 MoE layers: router 4x32, 2 of 4 SwiGLU experts of (2*16 + 16) x 32
+    per_layer_attention = sum(p.numel() for p in moe.blocks[0].attention.parameters())
+    active = 4 * (per_layer_attention + 4 * 32 + 2 * 3 * 16 * 32) + 97 * 32
+    assert moe.flops_per_token(16) == 6 * active + 12 * 4 * 32 * 16
+    measured = {layer: 1.5 for layer in moe.moe_layers}  # e.g. drops, or BlockFFN's variable count
+    assert moe.flops_per_token(16, measured) == 6 * (active - 4 * 0.5 * 3 * 16 * 32) + 12 * 4 * 32 * 16

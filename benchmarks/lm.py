@@ -1,0 +1,130 @@
+"""Language models trained through `launch/train.py` (Ray Train + DeepSpeed, bf16, one GPU): speed and quality.
+
+- `train` records: tokens/s and MFU (against the device's dense bf16 peak) of the 0.31B dense LM and
+  of each MoE LM (MFU of its active FLOPs: routed experts counted as many times as tokens used them);
+- `quality` records: validation loss and sparsity of the BlockFFN, top-k and MoE++ LMs trained on the
+  same tokens. The BlockFFN LM runs first; the top-k and MoE++ LMs then get k = round(E * (1 - TLS)),
+  its measured activation rate, so the three use about as many experts per token.
+
+    python benchmarks/lm.py --root /tmp/lm [--only dense blockffn topk moepp] [--steps N] [--dense-steps N]
+
+The dense LM runs first (a short run is enough for its speed), then BlockFFN, top-k, MoE++.
+
+Each run is a real `launch/train.py` job (its MLflow store and checkpoints under --root); records are
+appended to benchmarks/results/{train,quality}-<device>.jsonl (or --results DIR) as each run ends.
+"""
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+import harness
+
+REPO = Path(__file__).resolve().parents[1]
+MOE_RUNS = ("blockffn", "topk", "moepp")
+
+
+def train(root: Path, name: str, *overrides: str) -> dict:
+    """One training job; returns its MLflow run's params, final metrics and metric histories."""
+    command = [sys.executable, str(REPO / "launch" / "train.py"), f"cluster.root={root}", f"run_name={name}", *overrides]
+    print("+", " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sparta")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`sparta.run_name` = '{name}'")
+    history = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
+               for key in ("train/tokens_per_s", "train/mfu")}
+    return {"params": run.data.params, "metrics": run.data.metrics, "history": history,
+            "wall_s": time.perf_counter() - start, "run_id": run.info.run_id}
+
+
+def steady(values: list[float]) -> float:
+    """Median over the second half of the run: compilation, warm-up and the first evals left out."""
+    return statistics.median(values[len(values) // 2:])
+
+
+def speed_record(name: str, run: dict) -> dict:
+    p = run["params"]
+    tokens_per_s = steady(run["history"]["train/tokens_per_s"])
+    record = {"case": f"lm-{name}-d{p['model.d_model']}-L{p['model.n_layers']}-seq{p['data.seq_len']}",
+              "impl": f"sparta (launch/train.py, Ray Train + DeepSpeed ZeRO-{p['deepspeed.zero_stage']}, bf16)",
+              "pass": "train", "tokens_per_s": round(tokens_per_s), "micro_batch": int(p["deepspeed.micro_batch_size"]),
+              "steps": int(p["trainer.max_steps"]), "mlflow_run": run["run_id"]}
+    if run["history"]["train/mfu"]:
+        mfu = steady(run["history"]["train/mfu"])
+        record.update(mfu=round(mfu, 4), baseline="device dense bf16 peak (datasheet)")
+    return record
+
+
+def quality_record(name: str, run: dict, tokens: int) -> dict:
+    m = run["metrics"]
+    zc = sum(m.get(f"moe/{kind}_slot_fraction", 0.0) for kind in ("zero", "copy", "constant"))
+    return {"case": f"lm-{name}-python_source", "impl": "sparta", "val_loss": round(m["val/loss"], 4),
+            "tokens": tokens, "tls": round(m["moe/tls"], 4), "cls8": round(m["moe/cls8"], 4),
+            "ffn_experts_per_token": round(m["moe/ffn_experts_per_token"], 3),
+            **({"zc_slot_fraction": round(zc, 4)} if name == "moepp" else {}),
+            "top_k": int(run["params"]["moe.top_k"]) if name != "blockffn" else None,
+            "mlflow_run": run["run_id"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, required=True, help="cluster.root of the runs (MLflow store, checkpoints)")
+    parser.add_argument("--only", nargs="+", choices=(*MOE_RUNS, "dense"), default=(*MOE_RUNS, "dense"))
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of each MoE LM (default: the experiment's)")
+    parser.add_argument("--dense-steps", type=int, default=None, help="optimizer steps of the dense LM")
+    parser.add_argument("--results", type=Path, default=harness.RESULTS, help="directory of the results files")
+    args = parser.parse_args()
+    root = args.root.resolve()
+    meta = harness.metadata("train")
+
+    def record(bench: str, values: dict) -> None:
+        """Written as soon as a run ends: a device call may run out of time before the next one."""
+        path = args.results / harness.results_path(bench).name
+        harness.append(path, {**meta, "bench": bench, **values})
+        print(bench, values, flush=True)
+
+    if "dense" in args.only:
+        dense_steps = [f"trainer.max_steps={args.dense_steps}", f"trainer.checkpoint_every={args.dense_steps}",
+                       f"trainer.eval_every={args.dense_steps}", "trainer.log_every=10"] if args.dense_steps else []
+        run = harness.keep_going(train, root, "dense", "experiment=lm_dense", *dense_steps)
+        if run:
+            record("train", speed_record("dense", run))
+
+    runs, top_k = {}, []
+    for name in (n for n in MOE_RUNS if n in args.only):
+        steps = [f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.steps}",
+                 f"trainer.eval_every={args.steps // 2}"] if args.steps else []
+        run = harness.keep_going(train, root, name, f"experiment=lm_{name}", *steps, *top_k)
+        if run is None:
+            continue
+        runs[name] = run
+        if name == "blockffn":  # the other two use as many experts per token as BlockFFN measured
+            experts = int(run["params"]["moe.num_experts"])
+            top_k = [f"moe.top_k={max(1, round(experts * (1 - run['metrics']['moe/tls'])))}"]
+        record("train", speed_record(name, run))
+        p = run["params"]
+        tokens = int(p["trainer.max_steps"]) * int(p["deepspeed.micro_batch_size"]) * int(p["data.seq_len"])
+        quality = quality_record(name, run, tokens)
+        if name != "topk" and "topk" in runs:
+            quality.update(vs_topk(run, runs["topk"]))
+        record("quality", quality)
+        if name == "topk" and "blockffn" in runs:  # BlockFFN ran first: its comparison comes now
+            record("quality", {"case": "lm-blockffn-vs-topk-python_source", "impl": "sparta",
+                               "val_loss": round(runs["blockffn"]["metrics"]["val/loss"], 4),
+                               "topk_val_loss": round(run["metrics"]["val/loss"], 4), **vs_topk(runs["blockffn"], run)})
+
+
+def vs_topk(run: dict, topk: dict) -> dict:
+    return {"val_loss_vs_topk": round(run["metrics"]["val/loss"] / topk["metrics"]["val/loss"], 4),
+            "speedup_vs_topk": round(steady(run["history"]["train/tokens_per_s"])
+                                     / steady(topk["history"]["train/tokens_per_s"]), 3)}
+
+
+if __name__ == "__main__":
+    main()

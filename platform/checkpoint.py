@@ -1,0 +1,164 @@
+"""Checkpoints that do not depend on the parallel layout.
+
+A checkpoint is one directory: `model.safetensors` (every parameter and persistent buffer whole, in
+fp32: DeepSpeed's master weights, routed experts gathered from every expert-parallel rank),
+`optimizer.safetensors` (Adam's two moments per parameter, whole, same names with `::exp_avg` /
+`::exp_avg_sq`) and `state.json` (step, Adam's step count, LR schedule, trainer state). DeepSpeed's
+own checkpoints are per-rank ZeRO partitions and hold only rank 0's experts, so a run could not
+change its expert-parallel size (or its worker count) on resume; this format can, and it is also
+what `launch/export.py` and `launch/eval.py` read.
+
+Every rank takes part in `save` and `load` (the ZeRO partitions and experts are gathered/scattered
+by collectives); only rank 0 writes.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sparta.platform.parallel import expert_parameters, gather_experts, local_experts
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def save(engine, model: nn.Module, ep_group, directory: Path | None, state: dict) -> None:
+    """Gather the whole model and optimizer state; rank 0 (the one passing a `directory`) writes it."""
+    from safetensors.torch import save_file
+
+    weights, moments = {}, {}
+    experts = {name for name, _ in expert_parameters(model)}
+    optimizer = _link_moments(engine)
+    for name, param in model.named_parameters():
+        gather = (lambda t: gather_experts(t, ep_group)) if name in experts else (lambda t: t)
+        weights[name] = gather(_full_fp32(param)).cpu()
+        for key in MOMENTS:
+            moment = _full_moment(param, key, optimizer)
+            if moment is not None:
+                moments[f"{name}::{key}"] = gather(moment).cpu()
+    weights.update({name: buffer.detach().float().cpu() for name, buffer in _persistent_buffers(model)})
+    if directory is None:
+        return
+    save_file(weights, str(directory / MODEL_FILE))
+    save_file(moments, str(directory / OPTIMIZER_FILE))
+    adam_steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    state = {**state, "adam_step": adam_steps[0] if adam_steps else 0.0,
+             "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}
+    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+
+
+def load(engine, model: nn.Module, ep_group, directory: Path) -> dict:
+    """Put a checkpoint's weights and optimizer state into this rank's engine, whatever layout wrote
+    it; returns its `state.json`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    missing = [f for f in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE) if not (directory / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {directory}: missing {', '.join(missing)} (not a sparta checkpoint)")
+    weights, moments = load_file(str(directory / MODEL_FILE)), load_file(str(directory / OPTIMIZER_FILE))
+    state = json.loads((directory / STATE_FILE).read_text())
+    load_weights(model, weights, ep_group, directory)
+
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    experts = {name for name, _ in expert_parameters(model)}
+    optimizer = _link_moments(engine)
+    adam_step = torch.tensor(state["adam_step"])
+    for name, param in model.named_parameters():
+        local = (lambda t: local_experts(t, ep_group)) if name in experts else (lambda t: t)
+        safe_set_full_fp32_param(param, local(weights[name]).to(param.device))
+        for key in MOMENTS:
+            if f"{name}::{key}" not in moments:
+                continue
+            value = local(moments[f"{name}::{key}"]).to(param.device)
+            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):  # ZeRO / bf16 optimizer partitions
+                safe_set_full_optimizer_state(param, value, key)
+            else:  # a plain torch optimizer owns the parameter
+                optimizer.state[param][key] = value.clone()
+                optimizer.state[param]["step"] = adam_step.clone()
+    for param_state in optimizer.state.values():
+        if "step" in param_state:
+            param_state["step"] = adam_step.clone().to(param_state["step"].device)
+    if state.get("lr_scheduler") is not None:
+        scheduler = engine.lr_scheduler
+        scheduler.load_state_dict(state["lr_scheduler"])
+        scheduler.step(scheduler.last_batch_iteration)  # put that iteration's LR into the optimizer
+    return state
+
+
+def load_weights(model: nn.Module, weights: dict, ep_group=None, source: Path | str = "checkpoint") -> None:
+    """Copy whole fp32 weights (a checkpoint's or an export's) into `model`, keeping this rank's experts."""
+    experts = {name for name, _ in expert_parameters(model)}
+    expected = {name for name, _ in model.named_parameters()} | {name for name, _ in _persistent_buffers(model)}
+    if expected != set(weights):
+        raise ValueError(f"{source}: the weights do not match the model (missing: {sorted(expected - set(weights))[:5]}, "
+                         f"unexpected: {sorted(set(weights) - expected)[:5]}); was it written for another model config?")
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *_persistent_buffers(model)]:
+            value = local_experts(weights[name], ep_group) if name in experts else weights[name]
+            shape = tensor.ds_shape if hasattr(tensor, "ds_id") else tensor.shape
+            if value.shape != shape:
+                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects {tuple(shape)}")
+            _copy_into(tensor, value)
+
+
+def _copy_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    if not hasattr(tensor, "ds_id"):
+        tensor.copy_(value)
+        return
+    import deepspeed  # a ZeRO-3 partition: gather it whole, write it, partition it again
+
+    with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+        if torch.distributed.get_rank() == 0:
+            tensor.data.copy_(value)
+
+
+def _full_fp32(param: torch.Tensor) -> torch.Tensor:
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    full = safe_get_full_fp32_param(param)
+    return param.detach().float() if full is None else full.float()
+
+
+def _full_moment(param: torch.Tensor, key: str, optimizer) -> torch.Tensor | None:
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+        return safe_get_full_optimizer_state(param, key)
+    value = optimizer.state.get(param, {}).get(key)
+    return None if value is None else value.float()
+
+
+def _link_moments(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that holds Adam's state, with DeepSpeed's per-parameter views of it
+    (what `safe_get/set_full_optimizer_state` read) linked to every param group.
+
+    DeepSpeed's ZeRO-1/2 and bf16 optimizers create those views once, right after their first
+    optimizer step; ZeRO-1/2 (0.19.8) does it after stepping the first param group only, so the other
+    groups stay unlinked, and a fresh engine (ZeRO-3 included) has no state at all. So: give every flat
+    fp32 partition a state (zero moments where it has none, as torch's Adam would) and link again.
+    """
+    wrapper = optimizer = engine.optimizer
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    partitions = next((getattr(wrapper, name) for name in (
+        "single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")  # ZeRO-1/2, bf16, ZeRO-3
+        if hasattr(wrapper, name)), [])
+    for flat in partitions:
+        if flat not in optimizer.state:
+            optimizer.state[flat] = {"step": torch.zeros(()), **{key: torch.zeros_like(flat) for key in MOMENTS}}
+    if hasattr(wrapper, "_hp_optimizer_states_linked"):
+        wrapper._hp_optimizer_states_linked = False
+        wrapper._lazy_init_hp_params_optimizer_state()
+    return optimizer
+
+
+def _persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    skipped = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+               for name in module._non_persistent_buffers_set}
+    return [(name, buffer) for name, buffer in model.named_buffers() if name not in skipped]

@@ -1,0 +1,93 @@
+"""Finding a trained model again: by MLflow run id, sparta run name, checkpoint directory or export.
+
+The entry points that read a run (`launch/export.py`, `launch/eval.py`, `launch/compare.py`) go through
+here. A checkpoint (`sparta.platform.checkpoint`) carries everything needed to rebuild its model:
+`state.json` holds the model config, the prepared corpus and the MLflow run it belongs to. An export
+is the same `model.safetensors` with a `config.json` beside it.
+"""
+
+import json
+from pathlib import Path
+
+from sparta.moe import MoEConfig
+from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, load_weights
+from sparta.platform.lm import LMConfig, TransformerLM
+from sparta.platform.tracking import RUN_NAME_TAG
+
+EXPORT_CONFIG = "config.json"
+CHECKPOINT_DIR_TAG = "sparta.checkpoint_dir"
+
+
+def model_config_from_dict(values: dict) -> LMConfig:
+    values = dict(values)
+    if values.get("moe") is not None:
+        values["moe"] = MoEConfig(**values["moe"])
+    return LMConfig(**values)
+
+
+def find_run(client, reference: str):
+    """An MLflow run by id, or by the sparta run name (the newest run with that name); None if neither."""
+    try:
+        return client.get_run(reference)
+    except Exception:  # not an id of this store
+        pass
+    for experiment in client.search_experiments():
+        found = client.search_runs([experiment.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{reference}'",
+                                   order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            return found[0]
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run's Ray storage directory (its `checkpoint_*` folders)."""
+    complete = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
+    return max(complete, key=lambda p: p.name) if complete else None
+
+
+def resolve(reference: str, tracking_uri: str) -> tuple[Path, str | None]:
+    """`reference` -> (a model directory: checkpoint or export, its MLflow run id if known).
+
+    Accepts a checkpoint or export directory, a run's Ray storage directory, an MLflow run id or a
+    sparta run name. Fails naming what was looked for."""
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if (path / MODEL_FILE).is_file():
+            return path.resolve(), _run_id_of(path)
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise FileNotFoundError(f"{reference}: a directory with neither {MODEL_FILE} nor complete checkpoint_* folders")
+        return latest.resolve(), _run_id_of(latest)
+    from mlflow.tracking import MlflowClient
+
+    run = find_run(MlflowClient(tracking_uri), reference)
+    if run is None:
+        raise FileNotFoundError(f"{reference}: not a directory, nor an MLflow run id or sparta run name in {tracking_uri}")
+    run_dir = run.data.tags.get(CHECKPOINT_DIR_TAG)
+    latest = latest_checkpoint(Path(run_dir)) if run_dir else None
+    if latest is None:
+        raise FileNotFoundError(f"{reference}: MLflow run {run.info.run_id} has no complete checkpoint under {run_dir}")
+    return latest.resolve(), run.info.run_id
+
+
+def read_config(model_dir: Path) -> dict:
+    """A checkpoint's `state.json` or an export's `config.json`: model config, corpus, run."""
+    model_dir = Path(model_dir)
+    for name in (STATE_FILE, EXPORT_CONFIG):
+        if (model_dir / name).is_file():
+            return json.loads((model_dir / name).read_text())
+    raise FileNotFoundError(f"{model_dir}: neither {STATE_FILE} (checkpoint) nor {EXPORT_CONFIG} (export)")
+
+
+def load_model(model_dir: Path) -> tuple[TransformerLM, dict]:
+    """The whole model (all experts on this process, fp32, CPU) and its config dict."""
+    from safetensors.torch import load_file
+
+    config = read_config(model_dir)
+    model = TransformerLM(model_config_from_dict(config["model_config"]))
+    load_weights(model, load_file(str(Path(model_dir) / MODEL_FILE)), source=model_dir)
+    return model, config
+
+
+def _run_id_of(model_dir: Path) -> str | None:
+    return read_config(model_dir).get("mlflow_run_id")
