@@ -33,7 +33,7 @@ ROWS = {  # row of the table -> how its value prints
     "final moe/tls": "{:.3f}",
     "final moe/cls8": "{:.3f}",
     "final moe/ffn_experts_per_token": "{:.2f}",
-    "final ZC fraction": "{:.3f}",
+    "final ZC slot share": "{:.3f}",
     "final train/mfu": "{:.1%}",
 }
 
@@ -68,7 +68,7 @@ def summarize(history: dict) -> dict[str, float | None]:
     summary["final moe/cls8"] = final("moe/cls8")
     summary["final moe/ffn_experts_per_token"] = final("moe/ffn_experts_per_token")
     zc = zero_computation_fraction(history)
-    summary["final ZC fraction"] = float(zc[1][-1]) if zc is not None and len(zc[1]) else None
+    summary["final ZC slot share"] = float(zc[1][-1]) if zc is not None and len(zc[1]) else None
     summary["final train/mfu"] = final("train/mfu")
     return summary
 

@@ -6,16 +6,14 @@ Runs in this process on one device (a GPU if there is one), with all experts loc
 trained the model. Metrics go to the run as `eval/loss`, `eval/moe/tls`, ... at the checkpoint's step.
 """
 
-import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 from sparta.platform.data import TokenBatches, open_corpus
-from sparta.platform.runs import load_model, read_config, resolve
-from sparta.platform.tracking import Tracker, default_tracking_uri
+from sparta.platform.runs import cli, load_model, read_config, resolve_cli
+from sparta.platform.tracking import Tracker
 from sparta.platform.worker import MetricSums, model_wide_means
 
 
@@ -38,17 +36,11 @@ def evaluate(model_dir: Path, batches: int, batch_size: int) -> dict[str, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="MLflow run id, sparta run name, checkpoint or export directory")
+    parser = cli(__doc__, "MLflow run id, sparta run name, checkpoint or export directory")
     parser.add_argument("--batches", type=int, default=16, help="validation batches (fewer if the split is smaller)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     args = parser.parse_args()
-    uri = default_tracking_uri(args.tracking_uri, Path("runs").resolve())
-    try:
-        model_dir, run_id = resolve(args.run, uri)
-    except FileNotFoundError as error:
-        sys.exit(f"eval: {error}")
+    model_dir, run_id, uri = resolve_cli(args, "eval")
     metrics = evaluate(model_dir, args.batches, args.batch_size)
     print(f"[sparta] {model_dir}: validation loss {metrics['loss']:.4f} (ppl {math.exp(metrics['loss']):.1f})")
     for key in sorted(k for k in metrics if k.startswith("moe/") and not k.startswith("moe/layer_")):

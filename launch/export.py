@@ -6,15 +6,13 @@ The export loads anywhere with `sparta.platform.runs.load_model(DIR)` (and `laun
 whatever expert-parallel layout trained it.
 """
 
-import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from sparta.platform.checkpoint import MODEL_FILE
-from sparta.platform.runs import EXPORT_CONFIG, read_config, resolve
-from sparta.platform.tracking import Tracker, default_tracking_uri
+from sparta.platform.runs import EXPORT_CONFIG, cli, read_config, resolve_cli
+from sparta.platform.tracking import Tracker
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -30,16 +28,10 @@ def export(model_dir: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="MLflow run id, sparta run name, or a checkpoint directory")
+    parser = cli(__doc__, "MLflow run id, sparta run name, or a checkpoint directory")
     parser.add_argument("--out", type=Path, help="output directory (default: exports/<checkpoint name>)")
-    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     args = parser.parse_args()
-    uri = default_tracking_uri(args.tracking_uri, Path("runs").resolve())
-    try:
-        model_dir, run_id = resolve(args.run, uri)
-    except FileNotFoundError as error:
-        sys.exit(f"export: {error}")
+    model_dir, run_id, uri = resolve_cli(args, "export")
     out = export(model_dir, args.out or Path("exports") / f"{model_dir.parent.name}-{model_dir.name}")
     if run_id:
         Tracker(read_config(model_dir).get("tracking_uri") or uri, run_id).set_tags({"sparta.export": str(out.resolve())})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-ZERO_COMPUTATION_KEYS = ("moe/zero_fraction", "moe/copy_fraction", "moe/constant_fraction")
+ZERO_COMPUTATION_KEYS = ("moe/zero_slot_fraction", "moe/copy_slot_fraction", "moe/constant_slot_fraction")
 
 
 def _figure(width: float, height: float):
@@ -110,10 +110,8 @@ def cls_by_chunk_size(chunk_sizes, cls: np.ndarray, layer_names: list[str]):
 
 
 def zero_computation_fraction(history: dict) -> tuple[np.ndarray, np.ndarray] | None:
-    """MoE++: zero + copy + constant fraction at the steps all logged kinds share; None for other routers.
-
-    Each term is the share of tokens using at least one expert of that kind, so the sum counts a
-    token that picks two kinds twice."""
+    """MoE++: the share of token-expert slots on zero, copy and constant experts, summed, at the
+    steps all logged kinds share; None for other routers."""
     series = [history[key] for key in ZERO_COMPUTATION_KEYS if key in history]
     if not series:
         return None
@@ -169,7 +167,7 @@ def compare_runs(histories: list[dict], labels: list[str]):
     speed.set(title="throughput", ylabel="tokens/s", ylim=(0, None))
     speed.yaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     if show_zc:
-        last.set(title="zero-computation experts (MoE++)", ylabel="zero + copy + constant fraction", ylim=(0, None))
+        last.set(title="zero-computation experts (MoE++)", ylabel="share of slots (zero + copy + constant)", ylim=(0, None))
     else:
         last.set(title="gradient norm", ylabel="global L2 norm")
     for ax in (loss, sparsity, speed, last):

@@ -6,13 +6,15 @@ here. A checkpoint (`sparta.platform.checkpoint`) carries everything needed to r
 is the same `model.safetensors` with a `config.json` beside it.
 """
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 from sparta.moe import MoEConfig
 from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, load_weights
 from sparta.platform.lm import LMConfig, TransformerLM
-from sparta.platform.tracking import RUN_NAME_TAG
+from sparta.platform.tracking import RUN_NAME_TAG, default_tracking_uri
 
 EXPORT_CONFIG = "config.json"
 CHECKPOINT_DIR_TAG = "sparta.checkpoint_dir"
@@ -68,6 +70,24 @@ def resolve(reference: str, tracking_uri: str) -> tuple[Path, str | None]:
     if latest is None:
         raise FileNotFoundError(f"{reference}: MLflow run {run.info.run_id} has no complete checkpoint under {run_dir}")
     return latest.resolve(), run.info.run_id
+
+
+def cli(description: str, run_help: str) -> argparse.ArgumentParser:
+    """The arguments every entry point that reads a run takes: the run, and the MLflow store."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help=run_help)
+    parser.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
+    return parser
+
+
+def resolve_cli(args: argparse.Namespace, tool: str) -> tuple[Path, str | None, str]:
+    """`resolve` for an entry point: (model dir, run id, tracking URI), or exit naming what was not found."""
+    uri = default_tracking_uri(args.tracking_uri, Path("runs").resolve())
+    try:
+        return (*resolve(args.run, uri), uri)
+    except FileNotFoundError as error:
+        print(f"{tool}: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def read_config(model_dir: Path) -> dict:

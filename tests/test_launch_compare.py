@@ -28,7 +28,7 @@ def log_run(client, experiment_id, name, moe, ffn, tokens_per_s, zero_computatio
                         "moe/ffn_experts_per_token": 8 * (0.125 + 0.1 * decay)}
             metrics |= {f"moe/layer_{layer:02d}/{stat}": 0.5 for layer in (1, 3) for stat in ("tls", "load_max", "load_cv")}
         if zero_computation:
-            metrics |= {"moe/zero_fraction": 0.1, "moe/copy_fraction": 0.05, "moe/constant_fraction": 0.025}
+            metrics |= {"moe/zero_slot_fraction": 0.1, "moe/copy_slot_fraction": 0.05, "moe/constant_slot_fraction": 0.025}
         if step % 50 == 0:
             metrics["val/loss"] = 3.5 + 5 * decay if step < 200 else 4.0  # the best is not the last
         client.log_batch(run_id, metrics=[Metric(key, float(value), step, step) for key, value in metrics.items()])
@@ -68,13 +68,13 @@ def test_compare_prints_the_table_and_logs_a_comparison_run(store, tmp_path):
     assert rows["final val/loss"] == ["4.0000"] * 3
     assert rows["tokens/s (mean, last half)"] == ["1,000", "2,000", "3,000"]
     assert rows["final moe/tls"] == [f"{0.875 - 0.1 * np.exp(-200 / 60):.3f}"] * 2 + ["n/a"]
-    assert rows["final ZC fraction"] == ["n/a", "0.175", "n/a"]
+    assert rows["final ZC slot share"] == ["n/a", "0.175", "n/a"]
     assert rows["final train/mfu"] == ["n/a"] * 3
     assert len({len(line) for line in lines[:11]}) == 1  # aligned columns
 
     markdown = (tmp_path / "comparison.md").read_text()
     assert markdown.startswith("| | run-topk (topk/moe) | run-moepp (moepp/moe) | run-dense (dense) |\n|---|---:|---:|---:|\n")
-    assert "| final ZC fraction | n/a | 0.175 | n/a |" in markdown
+    assert "| final ZC slot share | n/a | 0.175 | n/a |" in markdown
     assert (tmp_path / "comparison.png").read_bytes()[:4] == b"\x89PNG"
 
     (run,) = client.search_runs([experiment_id], "tags.`sparta.kind` = 'comparison'")

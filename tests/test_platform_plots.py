@@ -21,8 +21,8 @@ def history(*, moe: bool, zero_computation: bool = False) -> dict:
     if moe:
         runs |= {"moe/tls": (STEPS, 0.9 - 0.1 * decay), "moe/cls8": (STEPS, 0.5 - 0.1 * decay)}
     if zero_computation:
-        runs |= {"moe/zero_fraction": (STEPS, np.full(len(STEPS), 0.1)), "moe/copy_fraction": (STEPS, np.full(len(STEPS), 0.05)),
-                 "moe/constant_fraction": (STEPS, np.full(len(STEPS), 0.02))}
+        runs |= {"moe/zero_slot_fraction": (STEPS, np.full(len(STEPS), 0.1)), "moe/copy_slot_fraction": (STEPS, np.full(len(STEPS), 0.05)),
+                 "moe/constant_slot_fraction": (STEPS, np.full(len(STEPS), 0.02))}
     return runs
 
 
@@ -69,7 +69,7 @@ def test_cls_by_chunk_size_has_a_line_per_layer_and_a_bold_mean(tmp_path):
 
 def test_zero_computation_fraction_sums_the_kinds_on_shared_steps():
     runs = history(moe=True, zero_computation=True)
-    runs["moe/copy_fraction"] = (STEPS[:-1], runs["moe/copy_fraction"][1][:-1])
+    runs["moe/copy_slot_fraction"] = (STEPS[:-1], runs["moe/copy_slot_fraction"][1][:-1])
     steps, total = zero_computation_fraction(runs)
     np.testing.assert_array_equal(steps, STEPS[:-1])
     np.testing.assert_allclose(total, 0.17)
