@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sparta.moe import ChunkSparsityScheduler, MoE
+from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
 from sparta.platform import checkpoint
 from sparta.platform.config import JobConfig, deepspeed_config
 from sparta.platform.data import TokenBatches, open_corpus
@@ -87,7 +87,7 @@ def train_worker(args: WorkerArgs) -> None:
         tracker.set_tags({**system_info(), "system.world_size": world_size,
                           "system.device": torch.cuda.get_device_name() if args.use_gpu else "cpu"})
     progress = Progress(trainer.max_steps, step) if rank == 0 else None
-    peak_flops = peak_tflops(trainer.peak_tflops, args.use_gpu) * 1e12 if args.use_gpu else None
+    peak = peak_tflops(trainer.peak_tflops, args.use_gpu)
     expert_loads = ExpertLoadHistory.from_state(state.get("expert_load"))
     # What a checkpoint needs to be found and rebuilt on its own (launch/export.py, launch/eval.py).
     run_record = {"model_config": asdict(model.cfg), "corpus_dir": args.corpus_dir, "seq_len": job.data.seq_len,
@@ -96,7 +96,7 @@ def train_worker(args: WorkerArgs) -> None:
     # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
     # ZeRO clips without keeping it, so the loop measures it there.
     reports_grad_norm = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
-    interval = MetricSums()
+    interval, metrics = MetricSums(), {}
     while step < trainer.max_steps:
         step += 1
         if step == trainer.inject_failure_at_step and rank == 0:
@@ -119,7 +119,7 @@ def train_worker(args: WorkerArgs) -> None:
         metrics = {}
         if step % trainer.log_every == 0 or step == trainer.max_steps:
             metrics = interval.mean()
-            expert_loads.add(step, {k: metrics.pop(k) for k in [k for k in metrics if k.endswith("/expert_load")]})
+            expert_loads.add(step, {k: metrics.pop(k) for k in list(metrics) if k.endswith("/expert_load")})
             metrics = {f"train/{k}" if k in ("loss", "aux_loss") else k: v for k, v in metrics.items()}
             metrics.update(model_wide_means(metrics))
             if schedule:
@@ -131,9 +131,9 @@ def train_worker(args: WorkerArgs) -> None:
         if progress and metrics:
             tokens_per_s = progress.tokens_per_s(step, tokens_per_step)
             metrics["train/tokens_per_s"] = tokens_per_s
-            if peak_flops and "train/loss" in metrics:
+            if peak and "train/loss" in metrics:
                 metrics["train/mfu"] = tokens_per_s / world_size * model.flops_per_token(
-                    job.data.seq_len, layer_experts_per_token(metrics)) / peak_flops
+                    job.data.seq_len, layer_experts_per_token(metrics)) / (peak * 1e12)
             progress.show(step, metrics)
         if tracker and metrics:
             tracker.log_metrics(metrics, step)
@@ -219,8 +219,6 @@ def layer_experts_per_token(metrics: dict) -> dict[int, float]:
 
 def last_layer_cls(metrics: dict) -> dict[str, list[float]]:
     """{layer name: [CLS at chunk 2, 4, ..., 64]} from the last logged metrics."""
-    from sparta.moe import CLS_CHUNK_SIZES
-
     layers = sorted({k.split("/")[1] for k in metrics if k.startswith("moe/layer_")})
     return {layer: [metrics[f"moe/{layer}/cls{size}"] for size in CLS_CHUNK_SIZES] for layer in layers
             if f"moe/{layer}/cls2" in metrics}
