@@ -91,7 +91,8 @@ def main():
 
     if "dense" in args.only:
         dense_steps = [f"trainer.max_steps={args.dense_steps}", f"trainer.checkpoint_every={args.dense_steps}",
-                       f"trainer.eval_every={args.dense_steps}", "trainer.log_every=10"] if args.dense_steps else []
+                       f"trainer.eval_every={args.dense_steps}", "trainer.log_every=10",
+                       f"deepspeed.lr_schedule.warmup_steps={args.dense_steps // 4}"] if args.dense_steps else []
         run = harness.keep_going(train, root, "dense", "experiment=lm_dense", *dense_steps)
         if run:
             record("train", speed_record("dense", run))
