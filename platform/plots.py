@@ -38,6 +38,19 @@ def _cell_edges(centres: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centres[0] - middle[0]], middle, [2 * centres[-1] - middle[-1]]])
 
 
+def loss_curve(history: dict):
+    """train/loss as a line and val/loss as points against the step; history: metric -> (steps, values)."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    for key, style in (("train/loss", "-"), ("val/loss", "o-")):
+        if key in history:
+            ax.plot(*history[key], style, label=key)
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
 def expert_load_heatmap(steps: np.ndarray, load: np.ndarray, layer_names: list[str]):
     """One heat-map per MoE layer (expert on y, step on x) on one colour scale from 0, so that layers
     compare at a glance and a balanced router shows as one even colour.

@@ -92,38 +92,28 @@ class Tracker:
     def log_loss_curve(self) -> None:
         """Plot the run's whole train/val loss history (all launches of it) as loss_curve.png."""
 
-        def plot(client):
-            import matplotlib
+        def history(client):
+            series = {}
+            for key in ("train/loss", "val/loss"):
+                points = sorted(client.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
+                if points:
+                    series[key] = ([m.step for m in points], [m.value for m in points])
+            return series
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+        series = self._call("read the loss history", history)
+        if series is not None:
+            from sparta.platform import plots
 
-            fig, ax = plt.subplots(figsize=(7, 4))
-            for key, style in (("train/loss", "-"), ("val/loss", "o-")):
-                history = sorted(client.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
-                if history:
-                    ax.plot([m.step for m in history], [m.value for m in history], style, label=key)
-            ax.set_xlabel("step")
-            ax.set_ylabel("cross-entropy (nats/token)")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "loss_curve.png"
-                fig.savefig(path, dpi=120, bbox_inches="tight")
-                client.log_artifact(self.run_id, str(path))
-            plt.close(fig)
-
-        self._call("log the loss curve", plot)
+            self.log_figure(plots.loss_curve(series), "loss_curve.png")
 
     def log_figure(self, figure, name: str) -> None:
+        """A `sparta.platform.plots` figure as a PNG artifact of the run."""
+
         def log(client):
-            import matplotlib.pyplot as plt
+            from sparta.platform.plots import save
 
             with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / name
-                figure.savefig(path, dpi=120, bbox_inches="tight")
-                client.log_artifact(self.run_id, str(path))
-            plt.close(figure)
+                client.log_artifact(self.run_id, str(save(figure, Path(tmp) / name)))
 
         self._call(f"log {name}", log)
 
