@@ -29,3 +29,21 @@ def test_small_gpu_experiment_trains_in_bf16_on_every_gpu(tmp_path):
     val = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
     assert val[-1].value < val[0].value  # steps 25 .. 100: before the model starts memorising the corpus
     assert min(m.value for m in client.get_metric_history(run.info.run_id, "train/tokens_per_s")) > 20_000
+
+
+@pytest.mark.parametrize("router", ["blockffn", "moepp"])
+def test_moe_lm_trains_on_the_gpu_with_sparsity_and_mfu(tmp_path, router):
+    """The MoE LM experiment through launch/train.py, shortened: per-layer sparsity and MFU reach MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    command = [sys.executable, str(REPO / "launch" / "train.py"), f"experiment=lm_{router}", f"cluster.root={tmp_path}",
+               "run_name=moe", "trainer.max_steps=60", "trainer.eval_every=30", "trainer.checkpoint_every=60",
+               "trainer.log_every=10", "deepspeed.lr_schedule.warmup_steps=20"]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("sparta").experiment_id])[0]
+    metrics = run.data.metrics
+    assert 0 < metrics["train/mfu"] < 1 and 0 < metrics["moe/tls"] < 1 and "moe/layer_11/cls8" in metrics
+    val = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
+    assert val[-1].value < val[0].value
