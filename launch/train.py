@@ -17,6 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 from sparta.platform.config import ConfigError, JobConfig
 
 
+def writable_root(path: str) -> str:
+    """`${sparta.root:${cluster.root}}`: Hydra writes its logs under cluster.root before `main` runs, so
+    a root that cannot be created is reported here, as a config error naming the key."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        print(f"config error: cluster.root={path!r}: cannot create it ({error.strerror}); expected a writable directory",
+              file=sys.stderr)
+        sys.exit(2)
+    return path
+
+
+OmegaConf.register_new_resolver("sparta.root", writable_root)
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()

@@ -6,8 +6,10 @@ names the full key and what it accepts. The YAML files document each key; these 
 """
 
 import dataclasses
+import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, fields
 
 from sparta.moe import MoEConfig
@@ -18,6 +20,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
 LR_SCHEDULES = ("warmup_cosine", "warmup_constant")
 CLUSTERS = ("local", "ray")
+RAY_ADDRESS = re.compile(r"auto|(ray://)?[\w.-]+:\d+")
+# MLflow's tracking stores: local files, SQL databases through SQLAlchemy, a tracking server.
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 class ConfigError(ValueError):
@@ -277,11 +282,24 @@ def _check_ranges(job: JobConfig) -> None:
          f"in 0..trainer.max_steps={t.max_steps}", ds.lr_schedule.warmup_steps),
         (0 <= ds.lr_schedule.min_lr_ratio <= 1, "deepspeed.lr_schedule.min_lr_ratio", "in [0, 1]", ds.lr_schedule.min_lr_ratio),
         (job.cluster.name in CLUSTERS, "cluster.name", f"one of {', '.join(CLUSTERS)}", job.cluster.name),
+        (job.cluster.address is None or RAY_ADDRESS.fullmatch(job.cluster.address) is not None, "cluster.address",
+         "null (a local Ray instance), auto, or host:port / ray://host:port", job.cluster.address),
+        (job.tracking.uri is None or _tracking_uri_ok(job.tracking.uri), "tracking.uri",
+         f"null, a path, or a URI of scheme {', '.join(TRACKING_SCHEMES)} with a host or path", job.tracking.uri),
         (bool(job.tracking.experiment), "tracking.experiment", "a non-empty name", job.tracking.experiment),
     ]
     for ok, key, expected, got in checks:
         if not ok:
             raise ConfigError(f"{key}={got!r}: expected {expected}")
+
+
+def _tracking_uri_ok(uri: str) -> bool:
+    """A path (MLflow's file store), or a URI whose scheme MLflow can store runs at, with somewhere to go."""
+    parsed = urllib.parse.urlparse(uri)
+    if not parsed.scheme:
+        return bool(uri.strip())
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2://...
+    return scheme in TRACKING_SCHEMES and bool(parsed.netloc or parsed.path.strip("/") or scheme == "databricks")
 
 
 def deepspeed_config(ds: DeepSpeedConfig, max_steps: int, use_gpu: bool) -> dict:

@@ -79,7 +79,7 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     from ray.train.torch import TorchTrainer
 
     root = Path(job.cluster.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)  # launch/train.py has checked that it can be
     run_name = job.run_name or default_run_name
 
     data = job.data

@@ -60,6 +60,9 @@ def test_zero_stage_options_set_the_stage():
     ("data.token_dtype=int8", r"data.token_dtype='int8': expected one of uint16, uint32"),
     ("data.vocab_size=70000", r"data.vocab_size=70000: .*uint16"),
     ("data.corpus=/no/such/dir/*.txt", r"data.corpus='/no/such/dir/\*.txt': "),
+    ("tracking.uri=ftp://nowhere", r"tracking.uri='ftp://nowhere': expected null, a path, or a URI of scheme file, sqlite"),
+    ("tracking.uri=http://", r"tracking.uri='http://': expected"),
+    ("cluster.address=nowhere", r"cluster.address='nowhere': expected null \(a local Ray instance\), auto, or host:port"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -100,6 +103,27 @@ def test_expert_parallel_size_must_divide_the_workers():
     with pytest.raises(ConfigError, match=r"parallel.expert=4: expected a divisor of the 2 workers"):
         plan_workers(job, {"CPU": 2})
     assert plan_workers(job, {"CPU": 16, "GPU": 8}).num_workers == 8
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////tmp/x/mlflow.db", "http://127.0.0.1:5000", "file:///tmp/mlruns", "mlruns",
+                                 "postgresql+psycopg2://u:p@db/mlflow", "databricks"])
+def test_tracking_uris_mlflow_can_store_runs_at_are_accepted(uri):
+    assert compose_job(f"tracking.uri={uri}").tracking.uri == uri
+
+
+def test_unknown_experiment_and_unwritable_root_fail_before_any_work(tmp_path):
+    """An experiment that does not exist names the group and its options; a cluster.root that cannot be
+    created is a config error naming the key (exit 2), before Ray starts."""
+    train = [sys.executable, str(CONFIGS.parent / "launch" / "train.py")]
+    proc = subprocess.run([*train, "experiment=nope", "--cfg", "job"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Could not find 'experiment/nope'" in proc.stderr and "smoke_moe" in proc.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    proc = subprocess.run([*train, "experiment=smoke", f"cluster.root={blocked}/runs"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"config error: cluster.root='{blocked}/runs': cannot create it" in proc.stderr
+    assert "Started a local Ray instance" not in proc.stdout + proc.stderr
 
 
 def test_missing_key_is_named():
