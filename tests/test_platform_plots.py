@@ -21,7 +21,8 @@ def history(*, moe: bool, zero_computation: bool = False) -> dict:
     if moe:
         runs |= {"moe/tls": (STEPS, 0.9 - 0.1 * decay), "moe/cls8": (STEPS, 0.5 - 0.1 * decay)}
     if zero_computation:
-        runs |= {"moe/zero_slot_fraction": (STEPS, np.full(len(STEPS), 0.1)), "moe/copy_slot_fraction": (STEPS, np.full(len(STEPS), 0.05)),
+        runs |= {"moe/zero_slot_fraction": (STEPS, np.full(len(STEPS), 0.1)),
+                 "moe/copy_slot_fraction": (STEPS, np.full(len(STEPS), 0.05)),
                  "moe/constant_slot_fraction": (STEPS, np.full(len(STEPS), 0.02))}
     return runs
 
