@@ -76,11 +76,11 @@ def load(engine, model: nn.Module, ep_group, directory: Path) -> dict:
             if f"{name}::{key}" not in moments:
                 continue
             value = local(moments[f"{name}::{key}"]).to(param.device)
-            if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):  # ZeRO / bf16 optimizer partitions
+            if _partitioned(param):
                 safe_set_full_optimizer_state(param, value, key)
-            else:  # a plain torch optimizer owns the parameter
+            else:
                 optimizer.state[param][key] = value.clone()
-                optimizer.state[param]["step"] = adam_step.clone()
+                optimizer.state[param]["step"] = adam_step  # set with every other state's step below
     for param_state in optimizer.state.values():
         if "step" in param_state:
             param_state["step"] = adam_step.clone().to(param_state["step"].device)
@@ -128,10 +128,16 @@ def _full_fp32(param: torch.Tensor) -> torch.Tensor:
 def _full_moment(param: torch.Tensor, key: str, optimizer) -> torch.Tensor | None:
     from deepspeed.utils import safe_get_full_optimizer_state
 
-    if hasattr(param, "_hp_mapping") or hasattr(param, "ds_id"):
+    if _partitioned(param):
         return safe_get_full_optimizer_state(param, key)
     value = optimizer.state.get(param, {}).get(key)
     return None if value is None else value.float()
+
+
+def _partitioned(param: torch.Tensor) -> bool:
+    """DeepSpeed's ZeRO or bf16 optimizer holds the parameter's fp32 copy and Adam state in flat
+    partitions; otherwise a plain torch optimizer holds them per parameter."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
 
 
 def _link_moments(engine) -> torch.optim.Optimizer:

@@ -221,7 +221,7 @@ def _check_moe(job: JobConfig) -> None:
     except (TypeError, ValueError) as error:  # MoEConfig names the field as "MoEConfig.<field>"
         raise ConfigError(str(error).replace("MoEConfig.", "moe.")) from None
     m, ep = job.model, job.parallel.expert
-    if not any(LMConfig(vocab_size=1, moe=moe, **m).is_moe_layer(i) for i in range(m["n_layers"])):
+    if m["first_dense_layers"] >= m["n_layers"]:  # the first MoE block is block first_dense_layers
         raise ConfigError(f"model.first_dense_layers={m['first_dense_layers']}: expected < model.n_layers={m['n_layers']} "
                           "so that model.ffn=moe has an MoE layer")
     if moe.num_experts % ep:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparta.moe import MoE, MoEAux, MoEConfig, load_summary
+from sparta.platform.parallel import expert_parameters, local_experts
 
 FFN_KINDS = ("dense", "moe")
 
@@ -134,16 +135,15 @@ class TransformerLM(nn.Module):
         expert weight (all experts) is then cut to this rank's slice: a run at any expert-parallel
         size starts from the same model.
         """
-        from sparta.platform.parallel import local_experts
-
         ep_size = 1 if ep_group is None else torch.distributed.get_world_size(ep_group)
+        experts = {name for name, _ in expert_parameters(self)}
         for name, param in self.named_parameters():
             if param.dim() < 2:
                 continue  # norm gains stay 1
             std = self.cfg.init_std
             if name.endswith(("out_proj.weight", "down.weight", "w_out")):
                 std /= math.sqrt(2 * self.cfg.n_layers)
-            is_expert = ".experts." in name
+            is_expert = name in experts
             shape = (param.shape[0] * ep_size, *param.shape[1:]) if is_expert else param.shape
             generator = torch.Generator().manual_seed(seed + zlib.crc32(name.encode()))
             whole = torch.empty(shape).normal_(0.0, std, generator=generator)
@@ -183,12 +183,13 @@ class TransformerLM(nn.Module):
         top-k without drops) plus attention scores and values, 12 * n_layers * d_model * seq_len (the
         PaLM / Megatron convention, causal half included). Embedding lookups are not FLOPs."""
         cfg = self.cfg
+        experts = {id(param) for _, param in expert_parameters(self)}
         active = 0
         for layer, block in enumerate(self.blocks):
-            for name, param in block.named_parameters():
+            for param in block.parameters():
                 if param.dim() < 2:
                     continue
-                if ".experts." in f".{name}":
+                if id(param) in experts:
                     per_token = (ffn_experts_per_token or {}).get(layer, cfg.moe.top_k)
                     active += param.numel() // param.shape[0] * per_token  # one expert's weights
                 else:
