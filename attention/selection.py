@@ -5,8 +5,9 @@ selection never waits for the GPU: no `.item()`, no `nonzero()`. Two scorers:
 
 - `pooled_block_logits`: mean-pooled q and k per block, one small matmul. Cheap enough for every
   step (the coarse stage of trainable sparse attention, VSA-style; `DynamicBlockSelection`).
-- `attention_block_mass`: the exact mean attention probability of each block pair, computed in
-  query chunks. It costs a dense attention pass, so it is meant for rare decisions (SparseD's
+- `attention_block_mass`: the exact mean attention probability of each block pair. On the GPU the
+  fused Triton kernel `sparta.kernels.block_mass` (two passes over the keys, no N x N tensor; about
+  a dense attention forward); elsewhere torch in query chunks. Meant for rare decisions (SparseD's
   switch step, the pattern search).
 """
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from sparta.attention.layout import BlockLayout, HeadGroup
+from sparta.kernels import block_mass, block_mass_supports
 
 
 def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -69,16 +71,31 @@ def attention_block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k
 
     The key blocks are cut into regions starting at the key-block indices `region_starts`; each
     row's softmax is normalised within each region, so that regions can be ranked apart (SparseD's
-    prompt and answer). Query rows go in chunks of about `chunk_elements` logits.
+    prompt and answer). float16/bfloat16 CUDA tensors with block sizes the kernel takes
+    (`block_mass_supports`) go to the Triton kernel; anything else to torch, whose query rows go in
+    chunks of about `chunk_elements` logits.
     """
     _check_qk(q, k)
-    batch, heads, length_q, _ = q.shape
-    length_k = k.shape[-2]
+    length_q, length_k = q.shape[-2], k.shape[-2]
     blocks_k = -(-length_k // block_k)
     if not region_starts or region_starts[0] != 0 or list(region_starts) != sorted(set(region_starts)) \
             or region_starts[-1] >= blocks_k:
         raise ValueError(f"region_starts: expected increasing key-block indices starting at 0 and below "
                          f"{blocks_k}, got {list(region_starts)}")
+    if block_mass_supports(q, k, block_q, block_k):
+        sums = block_mass(q, k, block_q, block_k, sm_scale=sm_scale, region_starts=[int(s) for s in region_starts])
+    else:
+        sums = _block_mass_torch(q, k, block_q, block_k, sm_scale, region_starts, chunk_elements)
+    sizes_q, sizes_k = _block_sizes(length_q, block_q, q.device), _block_sizes(length_k, block_k, q.device)
+    return sums / (sizes_q[:, None] * sizes_k[None, :])
+
+
+def _block_mass_torch(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k: int, sm_scale: float | None,
+                      region_starts: Sequence[int], chunk_elements: int) -> torch.Tensor:
+    """The summed (not mean) probability per block pair, in float32 torch, `chunk_elements` logits at a time."""
+    batch, heads, length_q, _ = q.shape
+    length_k = k.shape[-2]
+    blocks_k = -(-length_k // block_k)
     scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
     k = k.float().repeat_interleave(heads // k.shape[1], dim=1)
     column_edges = [start * block_k for start in region_starts] + [length_k]
@@ -91,8 +108,7 @@ def attention_block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int, block_k
         rows = probs.shape[-2]
         probs = F.pad(probs, (0, blocks_k * block_k - length_k, 0, -(-rows // block_q) * block_q - rows))
         sums.append(probs.unflatten(-1, (blocks_k, block_k)).unflatten(-3, (-1, block_q)).sum(dim=(-3, -1)))
-    sizes_q, sizes_k = _block_sizes(length_q, block_q, q.device), _block_sizes(length_k, block_k, q.device)
-    return torch.cat(sums, dim=-2) / (sizes_q[:, None] * sizes_k[None, :])
+    return torch.cat(sums, dim=-2)
 
 
 class DynamicBlockSelection:

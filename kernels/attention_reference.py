@@ -61,3 +61,32 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         return o
     lse = torch.where(alive, torch.logsumexp(scores, dim=-1), float("-inf"))
     return o, lse
+
+
+def block_mass_reference(q: torch.Tensor, k: torch.Tensor, block_q: int = 128, block_k: int = 128, *,
+                         sm_scale: float | None = None, causal: bool = False, region_starts=(0,),
+                         cu_seqlens_q: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                         seqlen_q: int | None = None, seqlen_k: int | None = None) -> torch.Tensor:
+    """Same contract as `block_mass`, computed in float32 from the whole probability matrix."""
+    if cu_seqlens_q is not None:  # one sequence at a time, into the blocks of the longest
+        out = q.new_zeros(cu_seqlens_q.numel() - 1, q.shape[1], -(-seqlen_q // block_q), -(-seqlen_k // block_k),
+                          dtype=torch.float32)
+        starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for b in range(out.shape[0]):
+            part = block_mass_reference(q[:, :, starts_q[b]:starts_q[b + 1]], k[:, :, starts_k[b]:starts_k[b + 1]],
+                                        block_q, block_k, sm_scale=sm_scale, causal=causal,
+                                        region_starts=region_starts)
+            out[b, :, :part.shape[2], :part.shape[3]] = part[0]
+        return out
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q.float() @ k.transpose(-1, -2) * sm_scale
+    len_q, len_k = scores.shape[-2:]
+    if causal:
+        scores = scores.masked_fill(torch.ones(len_q, len_k, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    edges = [s * block_k for s in region_starts if s * block_k < len_k] + [len_k]
+    # A row with no allowed key in a region (causal) gets NaN from softmax there: it counts 0.
+    probs = torch.cat([scores[..., lo:hi].softmax(-1).nan_to_num(0.0) for lo, hi in zip(edges, edges[1:])], dim=-1)
+    blocks_q, blocks_k = -(-len_q // block_q), -(-len_k // block_k)
+    probs = torch.nn.functional.pad(probs, (0, blocks_k * block_k - len_k, 0, blocks_q * block_q - len_q))
+    return probs.unflatten(-1, (blocks_k, block_k)).unflatten(-3, (blocks_q, block_q)).sum(dim=(-3, -1))
