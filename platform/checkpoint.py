@@ -8,11 +8,16 @@ own checkpoints are per-rank ZeRO partitions and hold only rank 0's experts, so 
 change its expert-parallel size (or its worker count) on resume; this format can, and it is also
 what `launch/export.py` and `launch/eval.py` read.
 
-Every rank takes part in `save` and `load` (the ZeRO partitions and experts are gathered/scattered
-by collectives); only rank 0 writes.
+Every rank takes part in `gather` and `load` (the ZeRO partitions and experts are gathered/scattered
+by collectives); only rank 0 writes, in the background (`CheckpointWriter`), into `checkpoint_<step>`
+folders of the run directory that exist only once complete: a restart resumes from the newest.
 """
 
 import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,31 +29,104 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+_CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
 
 
-def save(engine, model: nn.Module, ep_group, directory: Path | None, state: dict) -> None:
-    """Gather the whole model and optimizer state; rank 0 (the one passing a `directory`) writes it."""
-    from safetensors.torch import save_file
-
+def gather(engine, model: nn.Module, ep_group, state: dict) -> "Snapshot":
+    """The whole model and optimizer state, on the CPU, gathered by every rank (collectives): rank 0's
+    snapshot is the one to write. What training does next cannot change it."""
     weights, moments = {}, {}
     experts = {name for name, _ in expert_parameters(model)}
     optimizer = _link_moments(engine)
     for name, param in model.named_parameters():
-        gather = (lambda t: gather_experts(t, ep_group)) if name in experts else (lambda t: t)
-        weights[name] = gather(_full_fp32(param)).cpu()
+        gather_ = (lambda t: gather_experts(t, ep_group)) if name in experts else (lambda t: t)
+        weights[name] = gather_(_full_fp32(param)).cpu()
         for key in MOMENTS:
             moment = _full_moment(param, key, optimizer)
             if moment is not None:
-                moments[f"{name}::{key}"] = gather(moment).cpu()
+                moments[f"{name}::{key}"] = gather_(moment).cpu()
     weights.update({name: buffer.detach().float().cpu() for name, buffer in _persistent_buffers(model)})
-    if directory is None:
-        return
-    save_file(weights, str(directory / MODEL_FILE))
-    save_file(moments, str(directory / OPTIMIZER_FILE))
     adam_steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
     state = {**state, "adam_step": adam_steps[0] if adam_steps else 0.0,
              "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}
-    (directory / STATE_FILE).write_text(json.dumps(state, indent=1))
+    return Snapshot(weights, moments, state)
+
+
+@dataclass
+class Snapshot:
+    weights: dict[str, torch.Tensor]
+    moments: dict[str, torch.Tensor]
+    state: dict
+
+    def write(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(self.weights, str(directory / MODEL_FILE))
+        save_file(self.moments, str(directory / OPTIMIZER_FILE))
+        (directory / STATE_FILE).write_text(json.dumps(self.state, indent=1))
+
+
+def save(engine, model: nn.Module, ep_group, directory: Path | None, state: dict) -> None:
+    """Gather on every rank, write on the one passing a `directory` (synchronously)."""
+    snapshot = gather(engine, model, ep_group, state)
+    if directory is not None:
+        snapshot.write(Path(directory))
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"checkpoint_{step:08d}"
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory. A checkpoint gets its final name only once
+    all its files are written (`CheckpointWriter`), so every `checkpoint_<step>` folder is complete."""
+    found = [p for p in Path(run_dir).glob("checkpoint_*") if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
+    return max(found, key=lambda p: p.name) if found else None
+
+
+class CheckpointWriter:
+    """Writes rank 0's snapshots in a background thread while training goes on, one at a time.
+
+    Each checkpoint is written under a temporary name and renamed when complete (atomic on a POSIX
+    file system), then the oldest complete ones beyond `keep` and any temporary leftovers of a crash
+    are deleted: what is on disk is at most `keep` complete checkpoints and the newest one is the one
+    a restart resumes from. A write error surfaces at the next `submit` or at `wait`.
+    """
+
+    def __init__(self, run_dir: Path, keep: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_dir, self.keep = Path(run_dir), keep
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparta-checkpoint")
+        self._pending = None
+
+    def submit(self, snapshot: Snapshot, step: int) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, snapshot, step)
+
+    def wait(self) -> None:
+        """Block until the checkpoint in flight is on disk (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write(self, snapshot: Snapshot, step: int) -> None:
+        final = checkpoint_dir(self.run_dir, step)
+        partial = final.with_name(f"{final.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        snapshot.write(partial)
+        if final.exists():  # the same step written by an earlier attempt of the run
+            shutil.rmtree(final)
+        partial.rename(final)
+        self._prune(newest=final)
+
+    def _prune(self, newest: Path) -> None:
+        complete = sorted(p for p in self.run_dir.glob("checkpoint_*") if _CHECKPOINT_NAME.fullmatch(p.name))
+        stale = [p for p in self.run_dir.glob("checkpoint_*.partial-*")]
+        for path in [*complete[:-self.keep], *stale]:
+            if path != newest:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def load(engine, model: nn.Module, ep_group, directory: Path) -> dict:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from sparta.moe import MoEConfig
 from sparta.platform.data import TOKEN_DTYPES, check_corpus
 from sparta.platform.lm import FFN_KINDS, LMConfig
+from sparta.platform.models import FAMILIES
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
@@ -108,17 +109,22 @@ class ClusterConfig:
 class TrackingConfig:
     uri: str | None
     experiment: str
+    retry_s: float
 
 
-# model.* are the architecture fields of LMConfig; the vocabulary and end-of-text token come from the
-# tokenizer, the MoE layers' config from the `moe` group.
-MODEL_KEYS = tuple(f.name for f in fields(LMConfig) if f.name not in ("vocab_size", "eot_id", "moe"))
+# model.* are the fields of the config of the family that model.family names (LMConfig, DLMConfig); the
+# vocabulary and end-of-text token come from the tokenizer, the MoE layers' config from the `moe` group.
+def model_keys(family: str) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(FAMILIES[family][0]) if f.name not in ("vocab_size", "eot_id", "moe"))
+
+
 MOE_KEYS = tuple(f.name for f in fields(MoEConfig))
 
 
 @dataclass(frozen=True)
 class JobConfig:
     run_name: str | None
+    verbose: bool
     model: dict
     moe: dict
     data: DataConfig
@@ -136,6 +142,10 @@ class JobConfig:
         if job.model["ffn"] == "moe":
             _check_moe(job)
         try:
+            job.lm_config(job.data.vocab_size)  # the family's own checks (model.prompt_prob, ...)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        try:
             check_corpus(job.data.corpus, job.data.vocab_size, job.data.token_dtype)
         except ValueError as error:
             raise ConfigError(str(error)) from None
@@ -145,7 +155,7 @@ class JobConfig:
         return MoEConfig(**self.moe) if self.model["ffn"] == "moe" else None
 
     def lm_config(self, vocab_size: int, eot_id: int | None = None) -> LMConfig:
-        return LMConfig(vocab_size=vocab_size, eot_id=eot_id, moe=self.moe_config(), **self.model)
+        return FAMILIES[self.model["family"]][0](vocab_size=vocab_size, eot_id=eot_id, moe=self.moe_config(), **self.model)
 
 
 def _build(cls, tree, path: str):
@@ -200,12 +210,17 @@ def _convert(kind, value, key: str):
 
 
 def _check_model(model: dict) -> None:
+    family = model.get("family")
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family={family!r}: expected one of {', '.join(FAMILIES)}")
+    keys = model_keys(family)
     for key in model:
-        if key not in MODEL_KEYS:
+        if key not in keys:
             hint = " (it is set by the tokenizer)" if key == "vocab_size" else ""
-            raise ConfigError(f"model.{key}: unknown key{hint}; allowed keys under model: {', '.join(MODEL_KEYS)}")
-    hints = typing.get_type_hints(LMConfig)
-    for key in MODEL_KEYS:
+            raise ConfigError(f"model.{key}: unknown key{hint}; allowed keys under model with model.family={family}: "
+                              f"{', '.join(keys)}")
+    hints = typing.get_type_hints(FAMILIES[family][0])
+    for key in keys:
         if key not in model:
             raise ConfigError(f"model.{key}: missing (expected {_describe(hints[key])})")
         model[key] = _convert(hints[key], model[key], f"model.{key}")
@@ -287,6 +302,7 @@ def _check_ranges(job: JobConfig) -> None:
         (job.tracking.uri is None or _tracking_uri_ok(job.tracking.uri), "tracking.uri",
          f"null, a path, or a URI of scheme {', '.join(TRACKING_SCHEMES)} with a host or path", job.tracking.uri),
         (bool(job.tracking.experiment), "tracking.experiment", "a non-empty name", job.tracking.experiment),
+        (job.tracking.retry_s > 0, "tracking.retry_s", "a positive number of seconds", job.tracking.retry_s),
     ]
     for ok, key, expected, got in checks:
         if not ok:

@@ -5,15 +5,19 @@ Everything that can be wrong with the request (config values, worker counts agai
 the cluster) is checked here before a single worker starts.
 """
 
+import logging
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+from sparta.platform import checkpoint, reaper
 from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
+from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
 from sparta.platform.data import open_corpus, prepare_corpus
 from sparta.platform.runs import CHECKPOINT_DIR_TAG
 from sparta.platform.tracking import Tracker, default_tracking_uri
-from sparta.platform.worker import WorkerArgs, train_worker
+from sparta.platform.worker import WorkerArgs, read_outcome, train_worker
 
 
 @dataclass(frozen=True)
@@ -21,7 +25,7 @@ class JobResult:
     run_name: str
     steps: int
     val_loss: float | None
-    checkpoint: str | None
+    checkpoint: Path | None
     tracking_uri: str
     mlflow_run_id: str | None
 
@@ -64,74 +68,102 @@ def connect_ray(job: JobConfig) -> WorkerPlan:
     import ray
     import torch
 
+    output = {"log_to_driver": job.verbose, "logging_level": logging.INFO if job.verbose else logging.WARNING}
     if joins_cluster(job):
-        ray.init(address=job.cluster.address)  # None: $RAY_ADDRESS
+        ray.init(address=job.cluster.address, **output)  # None: $RAY_ADDRESS
         return plan_workers(job, ray.cluster_resources())
     machine = {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}
     plan = plan_workers(job, machine)
-    ray.init(address="local", num_cpus=machine["CPU"], num_gpus=machine["GPU"])
+    ray.init(address="local", num_cpus=machine["CPU"], num_gpus=machine["GPU"], **output)
+    reaper.start_for_this_process()  # stops this Ray instance if the driver is killed
     return plan
+
+
+def ray_logs_dir() -> str:
+    """Where Ray keeps the logs of this driver's Ray instance (on a cluster: of each node, `ray logs`)."""
+    import ray
+
+    node = ray._private.worker.global_worker.node
+    return str(Path(node.get_session_dir_path()) / "logs") if node else "ray logs"
 
 
 def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str) -> JobResult:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     root = Path(job.cluster.root).resolve()
     root.mkdir(parents=True, exist_ok=True)  # launch/train.py has checked that it can be
     run_name = job.run_name or default_run_name
+    run_dir = root / "ray" / run_name  # the run's checkpoints, console file and fault-drill marker
 
+    if not job.verbose:
+        quiet_driver()
     data = job.data
     corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
     plan = connect_ray(job)
-    tracker = Tracker(default_tracking_uri(job.tracking.uri, root))
+    tracker = Tracker(default_tracking_uri(job.tracking.uri, root), retry_s=job.tracking.retry_s)
     resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
     if not resumed:
         tracker.log_params({**params, **open_corpus(corpus_dir).params})
         tracker.log_text(resolved_yaml, "config.yaml")
-        tracker.set_tags({CHECKPOINT_DIR_TAG: str(root / "ray" / run_name)})
+        tracker.set_tags({CHECKPOINT_DIR_TAG: str(run_dir)})
     print(f"[sparta] run {run_name}: {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} workers, "
-          f"ZeRO-{job.deepspeed.zero_stage}, {job.trainer.max_steps} steps", flush=True)
+          f"ZeRO-{job.deepspeed.zero_stage}, {job.trainer.max_steps} steps; checkpoints in {run_dir}", flush=True)
+    if not job.verbose:
+        print(f"[sparta] Ray, Ray Train and DeepSpeed output: {ray_logs_dir()} (verbose=true shows it here); "
+              f"this console: {run_dir / CONSOLE_FILE}", flush=True)
 
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=WorkerArgs(job, plan.use_gpu, tracker.uri, tracker.run_id if tracker.enabled else None,
-                                     str(root / "ray" / run_name), str(corpus_dir)),
+        train_loop_config=WorkerArgs(job, plan.use_gpu, tracker.uri, tracker.run_id,
+                                     str(run_dir), str(corpus_dir)),
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker,
                                                            **({"GPU": 1} if plan.use_gpu else {})}),
         run_config=RunConfig(
             name=run_name,
             storage_path=str(root / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.trainer.keep_checkpoints),
             failure_config=FailureConfig(max_failures=job.trainer.max_failures),
         ),
     )
     try:
-        result = trainer.fit()
+        with nullcontext() if job.verbose else ConsoleTail(run_dir):
+            trainer.fit()
     except BaseException:
         tracker.end_run("FAILED")
         raise
     finally:
         ray.shutdown()
     tracker.log_loss_curve()
-    tracker.end_run("FINISHED")
+    closed = tracker.end_run("FINISHED")
 
-    metrics = result.metrics or {}
+    metrics = read_outcome(run_dir)
     outcome = JobResult(run_name, metrics.get("step", 0), metrics.get("val/loss"),
-                        result.checkpoint.path if result.checkpoint else None, tracker.uri,
-                        tracker.run_id if tracker.enabled else None)
-    print_summary(outcome, job.tracking.experiment)
+                        checkpoint.latest(run_dir), tracker.uri, tracker.run_id)
+    print_summary(outcome, job.tracking.experiment, tracking_gaps(metrics, closed))
     return outcome
 
 
-def print_summary(result: JobResult, experiment: str) -> None:
+def tracking_gaps(final_metrics: dict, closed: bool) -> list[str]:
+    """What of the run did not reach MLflow (the store was unreachable at times), in words."""
+    gaps = []
+    if final_metrics.get("mlflow/unsent_batches"):
+        gaps.append(f"{final_metrics['mlflow/unsent_batches']:.0f} metric batches were not recorded (the store did not "
+                    f"answer again; recorded through step {final_metrics.get('mlflow/recorded_through', 0):.0f})")
+    if not closed:
+        gaps.append("the run could not be marked finished (the store did not answer at the end): it shows RUNNING")
+    return gaps
+
+
+def print_summary(result: JobResult, experiment: str, tracking_gaps: list[str]) -> None:
     val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
     print(f"[sparta] run {result.run_name} finished at step {result.steps}{val}", flush=True)
     print(f"[sparta] checkpoint: {result.checkpoint}")
     if result.mlflow_run_id:
         print(f"[sparta] MLflow run {result.mlflow_run_id} in experiment '{experiment}' at {result.tracking_uri}")
+        for gap in tracking_gaps:
+            print(f"[sparta] MLflow: {gap}")
         if result.tracking_uri.startswith("sqlite:"):
             print(f"[sparta] open the UI: mlflow ui --backend-store-uri {result.tracking_uri} --port 5000")
     else:

@@ -25,6 +25,7 @@ FFN_KINDS = ("dense", "moe")
 @dataclass
 class LMConfig:
     vocab_size: int
+    family: str = "lm"             # model family (platform/models.py): lm, this LM | dlm, DLMConfig (platform/dlm.py)
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
@@ -93,16 +94,19 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: LMConfig, layer: int, ep_group=None):
+    """`attention`: this block's attention module (default: the LM's causal one); it is called as
+    `attention(norm(x), *attention_args)`, the LM passing its rotary tables."""
+
+    def __init__(self, cfg: LMConfig, layer: int, ep_group=None, attention: nn.Module | None = None):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg) if attention is None else attention
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = MoE(cfg.d_model, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc_ids: torch.Tensor | None,
-                prev_router_logits: torch.Tensor | None) -> tuple[torch.Tensor, MoEAux | None]:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, prev_router_logits: torch.Tensor | None,
+                *attention_args) -> tuple[torch.Tensor, MoEAux | None]:
+        x = x + self.attention(self.attention_norm(x), *attention_args)
         if not isinstance(self.ffn, MoE):
             return x + self.ffn(self.ffn_norm(x)), None
         y, aux = self.ffn(self.ffn_norm(x), prev_router_logits=prev_router_logits, doc_ids=doc_ids)
@@ -141,7 +145,7 @@ class TransformerLM(nn.Module):
             if param.dim() < 2:
                 continue  # norm gains stay 1
             std = self.cfg.init_std
-            if name.endswith(("out_proj.weight", "down.weight", "w_out")):
+            if name.endswith(("out_proj.weight", "attention.out.weight", "down.weight", "w_out")):
                 std /= math.sqrt(2 * self.cfg.n_layers)
             is_expert = name in experts
             shape = (param.shape[0] * ep_size, *param.shape[1:]) if is_expert else param.shape
@@ -162,7 +166,7 @@ class TransformerLM(nn.Module):
         x = self.embed(tokens)
         auxes, router_logits = {}, None
         for layer, block in enumerate(self.blocks):
-            x, aux = block(x, cos, sin, doc_ids, router_logits)
+            x, aux = block(x, doc_ids, router_logits, cos, sin)
             if aux is not None:
                 auxes[layer], router_logits = aux, aux.router_logits
         logits = self.head(self.norm(x))

@@ -11,20 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-from sparta.moe import MoEConfig
+from torch import nn
+
+from sparta.platform import checkpoint
 from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, load_weights
-from sparta.platform.lm import LMConfig, TransformerLM
+from sparta.platform.models import build_model, config_from_dict
 from sparta.platform.tracking import RUN_NAME_TAG, default_tracking_uri
 
 EXPORT_CONFIG = "config.json"
 CHECKPOINT_DIR_TAG = "sparta.checkpoint_dir"
-
-
-def model_config_from_dict(values: dict) -> LMConfig:
-    values = dict(values)
-    if values.get("moe") is not None:
-        values["moe"] = MoEConfig(**values["moe"])
-    return LMConfig(**values)
 
 
 def find_run(client, reference: str):
@@ -41,12 +36,6 @@ def find_run(client, reference: str):
     return None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run's Ray storage directory (its `checkpoint_*` folders)."""
-    complete = [p for p in Path(run_dir).glob("checkpoint_*") if (p / STATE_FILE).is_file()]
-    return max(complete, key=lambda p: p.name) if complete else None
-
-
 def resolve(reference: str, tracking_uri: str) -> tuple[Path, str | None]:
     """`reference` -> (a model directory: checkpoint or export, its MLflow run id if known).
 
@@ -56,7 +45,7 @@ def resolve(reference: str, tracking_uri: str) -> tuple[Path, str | None]:
     if path.is_dir():
         if (path / MODEL_FILE).is_file():
             return path.resolve(), _run_id_of(path)
-        latest = latest_checkpoint(path)
+        latest = checkpoint.latest(path)
         if latest is None:
             raise FileNotFoundError(f"{reference}: a directory with neither {MODEL_FILE} nor complete checkpoint_* folders")
         return latest.resolve(), _run_id_of(latest)
@@ -66,7 +55,7 @@ def resolve(reference: str, tracking_uri: str) -> tuple[Path, str | None]:
     if run is None:
         raise FileNotFoundError(f"{reference}: not a directory, nor an MLflow run id or sparta run name in {tracking_uri}")
     run_dir = run.data.tags.get(CHECKPOINT_DIR_TAG)
-    latest = latest_checkpoint(Path(run_dir)) if run_dir else None
+    latest = checkpoint.latest(Path(run_dir)) if run_dir else None
     if latest is None:
         raise FileNotFoundError(f"{reference}: MLflow run {run.info.run_id} has no complete checkpoint under {run_dir}")
     return latest.resolve(), run.info.run_id
@@ -99,12 +88,13 @@ def read_config(model_dir: Path) -> dict:
     raise FileNotFoundError(f"{model_dir}: neither {STATE_FILE} (checkpoint) nor {EXPORT_CONFIG} (export)")
 
 
-def load_model(model_dir: Path) -> tuple[TransformerLM, dict]:
-    """The whole model (all experts on this process, fp32, CPU) and its config dict."""
+def load_model(model_dir: Path) -> tuple[nn.Module, dict]:
+    """The whole model of its family (`model_config.family`; all experts on this process, fp32, CPU)
+    and its config dict."""
     from safetensors.torch import load_file
 
     config = read_config(model_dir)
-    model = TransformerLM(model_config_from_dict(config["model_config"]))
+    model = build_model(config_from_dict(config["model_config"]))
     load_weights(model, load_file(str(Path(model_dir) / MODEL_FILE)), source=model_dir)
     return model, config
 

@@ -3,15 +3,16 @@
 Ray Train has already created the process group (gloo on CPU, NCCL on GPU); megatron-core cuts the
 expert-parallel groups out of it (`parallel.py`) and DeepSpeed wraps the model on top. The model is
 used only through its contract: `engine(inputs, targets)` gives the loss and a dict of metrics, and
-`model.flops_per_token` the FLOPs for MFU. Checkpoints are layout-independent (`checkpoint.py`)
-reported to Ray Train, which keeps the newest `keep_checkpoints` and hands the latest back after a
-restart, so a resumed worker group continues at the next step with the same weights, optimizer
-state, LR schedule and batches, at any expert-parallel size.
+`model.flops_per_token` the FLOPs for MFU. Checkpoints are layout-independent (`checkpoint.py`),
+written by rank 0 in the background into the run directory, the newest `keep_checkpoints` kept. A
+worker group that Ray Train restarts after a failure, or a relaunch with the same run name, resumes
+from the newest complete one: the next step with the same weights, optimizer state, LR schedule and
+batches, at any expert-parallel size.
 """
 
+import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,13 +23,16 @@ import torch.distributed as dist
 from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
 from sparta.platform import checkpoint
 from sparta.platform.config import JobConfig, deepspeed_config
+from sparta.platform.console import log_to_console_file
 from sparta.platform.data import TokenBatches, open_corpus
-from sparta.platform.lm import TransformerLM
+from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_expert_parallel, mark_expert_parameters
 from sparta.platform.tracking import Tracker, system_info
 
 # Ray Train routes worker logging (and print) to the driver's console and to its log files.
 log = logging.getLogger("sparta")
+
+OUTCOME_FILE = "outcome.json"  # in the run directory: the last run's final step and metrics
 
 # Dense bf16 tensor-core peak (datasheet, no sparsity) by device name, for MFU.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "L40S": 362.0}
@@ -40,7 +44,7 @@ class WorkerArgs:
     use_gpu: bool
     tracking_uri: str
     mlflow_run_id: str | None
-    run_dir: str  # survives worker restarts: holds the fault drill's marker
+    run_dir: str  # survives worker restarts: the run's checkpoints and the fault drill's marker
     corpus_dir: str  # the prepared token cache (`sparta.platform.data.prepare_corpus`)
 
 
@@ -49,6 +53,19 @@ class InjectedFailure(RuntimeError):
 
 
 def train_worker(args: WorkerArgs) -> None:
+    """Ray Train's training function: `train` with its errors on the run's console too."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    log_to_console_file(Path(args.run_dir), rank)
+    try:
+        train(args)
+    except Exception as error:
+        log.error(f"[sparta] rank {rank} failed: {type(error).__name__}: {error}")
+        raise
+
+
+def train(args: WorkerArgs) -> None:
     import deepspeed
     import ray.train
 
@@ -61,7 +78,7 @@ def train_worker(args: WorkerArgs) -> None:
     corpus = open_corpus(Path(args.corpus_dir))
     ep_group, expert_groups = initialize_expert_parallel(job.parallel.expert)
     torch.manual_seed(trainer.seed)  # identical initial weights on every rank, whatever the layout
-    model = TransformerLM(job.lm_config(corpus.vocab_size, corpus.eot_id), ep_group)
+    model = build_model(job.lm_config(corpus.vocab_size, corpus.eot_id), ep_group)
     if expert_groups is not None:
         model.add_module("expert_groups", expert_groups)
         mark_expert_parameters(model, expert_groups.expert_group_name)
@@ -73,7 +90,8 @@ def train_worker(args: WorkerArgs) -> None:
         dist_init_required=False,
     )
     accumulation = ds.gradient_accumulation_steps
-    state = restore_checkpoint(engine, model, ep_group, accumulation)
+    run_dir = Path(args.run_dir)
+    state = restore_checkpoint(engine, model, ep_group, accumulation, run_dir)
     step = state.get("step", 0)
     schedule = chunk_sparsity_schedule(job, model, state.get("chunk_sparsity_schedule"))
 
@@ -82,11 +100,15 @@ def train_worker(args: WorkerArgs) -> None:
                                shuffle=False)
     tokens_per_step = world_size * accumulation * ds.micro_batch_size * job.data.seq_len
 
-    tracker = Tracker(args.tracking_uri, args.mlflow_run_id) if rank == 0 and args.mlflow_run_id else None
+    tracker = (Tracker(args.tracking_uri, args.mlflow_run_id, job.tracking.retry_s)
+               if rank == 0 and args.mlflow_run_id else None)
+    if tracker and step:
+        tracker.rewind(step)
     if tracker:
         tracker.set_tags({**system_info(), "system.world_size": world_size,
                           "system.device": torch.cuda.get_device_name() if args.use_gpu else "cpu"})
     progress = Progress(trainer.max_steps, step) if rank == 0 else None
+    writer = checkpoint.CheckpointWriter(run_dir, trainer.keep_checkpoints) if rank == 0 else None
     peak = peak_tflops(trainer.peak_tflops, args.use_gpu)
     expert_loads = ExpertLoadHistory.from_state(state.get("expert_load"))
     # What a checkpoint needs to be found and rebuilt on its own (launch/export.py, launch/eval.py).
@@ -100,7 +122,7 @@ def train_worker(args: WorkerArgs) -> None:
     while step < trainer.max_steps:
         step += 1
         if step == trainer.inject_failure_at_step and rank == 0:
-            inject_failure_once(Path(args.run_dir), step)
+            inject_failure_once(run_dir, step)
         chunk_loss = torch.zeros((), device=device)
         for micro in range(accumulation):
             inputs, targets = train_batches.get((step - 1) * accumulation + micro)
@@ -138,12 +160,22 @@ def train_worker(args: WorkerArgs) -> None:
         if tracker and metrics:
             tracker.log_metrics(metrics, step)
         if step % trainer.checkpoint_every == 0 or step == trainer.max_steps:
-            save_checkpoint(engine, model, ep_group, rank,
+            paused = time.perf_counter()
+            save_checkpoint(engine, model, ep_group, writer,
                             {"step": step, **run_record, "expert_load": expert_loads.state(),
-                             "chunk_sparsity_schedule": schedule.state_dict() if schedule else None},
-                            {"step": step, **{k: v for k, v in metrics.items() if k in ("train/loss", "val/loss")}})
-    if tracker:
-        tracker.log_moe_plots(expert_loads, last_layer_cls(metrics))
+                             "chunk_sparsity_schedule": schedule.state_dict() if schedule else None})
+            if tracker:  # what the checkpoint cost the training loop (the files are written meanwhile)
+                tracker.log_metrics({"train/checkpoint_pause_s": time.perf_counter() - paused}, step)
+    if writer:
+        writer.wait()
+    if rank == 0:
+        outcome = {"step": step, **{k: v for k, v in metrics.items() if k in ("train/loss", "val/loss")}}
+        if tracker:
+            tracker.log_moe_plots(expert_loads, last_layer_cls(metrics))
+            tracker.flush(now=True)
+            outcome.update({"mlflow/unsent_batches": tracker.unsent_batches,
+                            "mlflow/recorded_through": tracker.recorded_through})
+        write_outcome(run_dir, outcome)
 
 
 class MetricSums:
@@ -285,32 +317,37 @@ def evaluate(engine, batches: TokenBatches, max_batches: int, device: torch.devi
     return (total[0] / total[1]).item()
 
 
-def save_checkpoint(engine, model, ep_group, rank: int, state: dict, metrics: dict) -> None:
-    """Every rank helps gather the whole model and optimizer state; rank 0 writes it and Ray Train
-    uploads it as one checkpoint.
-
-    The upload finishes before `report` returns and only then does the checkpoint become the one a
-    restart resumes from, so a crash mid-save never leaves a half-written "latest" checkpoint.
-    """
-    import ray.train
-
-    with tempfile.TemporaryDirectory(prefix="sparta-ckpt-") as local_dir:
-        checkpoint.save(engine, model, ep_group, Path(local_dir) if rank == 0 else None, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir) if rank == 0 else None)
+def save_checkpoint(engine, model, ep_group, writer: checkpoint.CheckpointWriter | None, state: dict) -> None:
+    """Every rank helps gather the whole model and optimizer state onto rank 0's CPU (the only pause of
+    training); rank 0's `writer` (None elsewhere) writes it in the background."""
+    snapshot = checkpoint.gather(engine, model, ep_group, state)
+    if writer is not None:
+        writer.submit(snapshot, state["step"])
 
 
-def restore_checkpoint(engine, model, ep_group, accumulation: int) -> dict:
-    """Load Ray Train's latest checkpoint into the engine if there is one; returns its trainer state
-    (`step`: the step it ended, ...), {} for a fresh run."""
-    import ray.train
-
-    latest = ray.train.get_checkpoint()
-    if latest is None:
+def restore_checkpoint(engine, model, ep_group, accumulation: int, run_dir: Path) -> dict:
+    """Load the run's newest complete checkpoint into the engine if there is one; returns its trainer
+    state (`step`: the step it ended, ...), {} for a fresh run. Rank 0 picks it, so every rank loads
+    the same one whatever its view of a shared file system."""
+    found = [checkpoint.latest(run_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    if found[0] is None:
         return {}
-    with latest.as_directory() as directory:
-        state = checkpoint.load(engine, model, ep_group, Path(directory))
+    state = checkpoint.load(engine, model, ep_group, found[0])
     engine.global_steps, engine.micro_steps = state["step"], state["step"] * accumulation
     return state
+
+
+def write_outcome(run_dir: Path, outcome: dict) -> None:
+    """What the driver's summary reports (`read_outcome`), written whole or not at all."""
+    partial = run_dir / f"{OUTCOME_FILE}.partial"
+    partial.write_text(json.dumps(outcome))
+    partial.replace(run_dir / OUTCOME_FILE)
+
+
+def read_outcome(run_dir: Path) -> dict:
+    path = Path(run_dir) / OUTCOME_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def inject_failure_once(run_dir: Path, step: int) -> None:
@@ -358,5 +395,7 @@ class Progress:
 
 
 def format_seconds(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f}s"  # a short run's ETA is not "0s" throughout
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"

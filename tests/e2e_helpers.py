@@ -1,8 +1,11 @@
 """Helpers of the end-to-end tests: run `launch/train.py` and read what it left in MLflow and on disk."""
 
+import contextlib
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,3 +46,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, port: int):
+    """A real `mlflow server` on the store, answering /health; stopped on exit. Yields its URL."""
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri,
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
+                time.sleep(0.5)
+        yield base
+    finally:
+        import os
+        import signal
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn workers
+        server.wait(timeout=30)

@@ -6,6 +6,7 @@ Each run trains the `smoke` experiment (a 2-layer model, 30 steps, checkpoints e
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -13,8 +14,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
-from e2e_helpers import REPO, checkpoints, free_port, history, mlflow_runs, train
+from e2e_helpers import REPO, checkpoints, free_port, history, mlflow_runs, mlflow_server, train
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +44,11 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
         for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"):
             assert sorted(history(client, run.info.run_id, key)) == [5, 10, 15, 20, 25, 30], key
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "loss_curve.png"}
+        pauses = [m.value for m in client.get_metric_history(run.info.run_id, "train/checkpoint_pause_s")]
+        assert len(pauses) == 3 and max(pauses) < 1.0, pauses  # the files are written in the background
+        speed = history(client, run.info.run_id, "train/tokens_per_s")  # steps 11-15 and 21-25 hold a checkpoint
+        after_checkpoint = min(speed[15][0], speed[25][0])
+        assert after_checkpoint > 0.3 * statistics.median(speed[step][0] for step in (5, 10, 20, 30)), speed
         kept = checkpoints(swept_store, name)
         assert len(kept) == 2  # trainer.keep_checkpoints
         final = kept[-1]
@@ -50,38 +57,72 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
     assert stages == {"1", "2"}
 
 
-def test_worker_failure_restarts_from_the_checkpoint_with_the_same_losses(tmp_path):
-    output = train(tmp_path, "run_name=drill", "trainer.log_every=1", "trainer.inject_failure_at_step=15",
+def test_worker_failure_resumes_from_the_newest_checkpoint_with_one_point_per_step(tmp_path):
+    """The failure comes right after the step-20 checkpoint: the restart resumes from step 20, the steps
+    logged before the failure are not in the history twice, and only `keep_checkpoints` are on disk."""
+    output = train(tmp_path, "run_name=drill", "trainer.log_every=1", "trainer.inject_failure_at_step=21",
                    "deepspeed.gradient_accumulation_steps=2")
-    assert "injected failure" in output and "resumed from the checkpoint at step 10" in output
+    assert "rank 0 failed: InjectedFailure" in output and "resumed from the checkpoint at step 20" in output
+    assert console_noise(output) == []  # Ray's, Ray Train's and DeepSpeed's output went to the log files
+    assert len([line for line in output.splitlines() if line.startswith("[sparta] step ")]) == 30  # one per step
     client, runs = mlflow_runs(tmp_path)
     run = runs["drill"]
     assert run.info.status == "FINISHED"
     loss = history(client, run.info.run_id, "train/loss")
-    for step in range(11, 15):  # logged before the failure and again after the restart
-        first, second = loss[step]
-        assert second == pytest.approx(first, rel=1e-6), step
-    assert len(loss[15]) == 1 and sorted(loss)[-1] == 30
+    assert sorted(loss) == list(range(1, 31)) and all(len(values) == 1 for values in loss.values())
+    assert [p.name for p in checkpoints(tmp_path, "drill")] == ["checkpoint_00000020", "checkpoint_00000030"]
 
 
 def test_relaunch_resumes_the_run_and_its_mlflow_record_zero3(tmp_path):
-    args = ("run_name=again", "deepspeed=zero3", "trainer.log_every=1", "trainer.inject_failure_at_step=13",
-            "trainer.max_failures=0")
+    args = ("run_name=again", "deepspeed=zero3", "trainer.log_every=1", "trainer.inject_failure_at_step=23",
+            "trainer.max_failures=0", "trainer.keep_checkpoints=1")
     output = train(tmp_path, *args, ok=False)
     assert "injected failure" in output
     client, runs = mlflow_runs(tmp_path)
     assert runs["again"].info.status == "FAILED"
-    assert (tmp_path / "ray" / "again" / "injected_failure_step_13").exists()
+    assert (tmp_path / "ray" / "again" / "injected_failure_step_23").exists()
+    before = history(client, runs["again"].info.run_id, "train/loss")
+    assert sorted(before) == list(range(1, 23))
 
-    output = train(tmp_path, *args)  # the same command again: the drill does not fire twice
-    assert "resumed from the checkpoint at step 10" in output
+    output = train(tmp_path, *args, "verbose=true")  # the same command again: the drill does not fire twice
+    assert "resumed from the checkpoint at step 20" in output
+    assert "(RayTrainWorker pid=" in output  # verbose: the workers' own output too
     client, runs = mlflow_runs(tmp_path)
     assert list(runs) == ["again"] and runs["again"].info.status == "FINISHED"
     loss = history(client, runs["again"].info.run_id, "train/loss")
-    for step in (11, 12):
-        first, second = loss[step]
-        assert second == pytest.approx(first, rel=1e-6), step
-    assert sorted(loss) == list(range(1, 31))
+    assert sorted(loss) == list(range(1, 31)) and all(len(values) == 1 for values in loss.values())
+    assert loss[21][0] == pytest.approx(before[21][0], rel=1e-6)  # the re-run takes the same step
+    assert [p.name for p in checkpoints(tmp_path, "again")] == ["checkpoint_00000030"]
+
+
+def console_noise(output: str) -> list[str]:
+    """Console lines that are not sparta's (nor the tokenizer's progress bar)."""
+    return [line for line in output.splitlines()
+            if line.strip() and not line.startswith("[sparta] ") and not line.startswith("tokenizing ")]
+
+
+def test_a_killed_driver_takes_its_local_ray_instance_with_it(tmp_path):
+    """SIGKILL to the driver mid-training: the GCS, raylet, dashboard, agents and workers it started
+    are all gone within seconds (no `ray stop` needed)."""
+    command = [sys.executable, str(REPO / "launch" / "train.py"), "experiment=smoke", f"cluster.root={tmp_path}",
+               "run_name=killed", "trainer.max_steps=100000", "trainer.log_every=1"]
+    with open(tmp_path / "driver.out", "w") as out:
+        driver = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while "[sparta] step " not in (tmp_path / "driver.out").read_text():
+            assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.out").read_text()[-3000:]
+            time.sleep(1)
+        time.sleep(2)  # the watcher notes the workers every second
+        started = [p for p in psutil.Process(driver.pid).children(recursive=True)
+                   if "sparta.platform.reaper" not in " ".join(p.cmdline())]
+        assert len(started) >= 5  # GCS, raylet, dashboard, agents, Ray Train controller and workers
+        driver.kill()
+        driver.wait()
+        _, left = psutil.wait_procs(started, timeout=30)
+        assert left == [], [" ".join(p.cmdline())[:120] for p in left]
+    finally:
+        driver.kill()
 
 
 def test_ray_job_submit_to_a_local_cluster(tmp_path):
@@ -118,20 +159,7 @@ def test_ray_job_submit_to_a_local_cluster(tmp_path):
 def test_mlflow_ui_shows_the_runs(swept_store, tmp_path):
     """`mlflow server` on the job's store lists the runs through its REST API and serves the UI page;
     with Chromium installed, a headless screenshot of the experiment page is taken and must not be blank."""
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                               f"sqlite:///{swept_store / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert time.time() < deadline, "mlflow server did not answer /health within 120 s"
-                time.sleep(1)
+    with mlflow_server(f"sqlite:///{swept_store / 'mlflow.db'}", free_port()) as base:
         experiment = json.load(urllib.request.urlopen(
             f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=sparta", timeout=10))["experiment"]
         request = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", method="POST",
@@ -154,6 +182,3 @@ def test_mlflow_ui_shows_the_runs(swept_store, tmp_path):
 
             pixels = matplotlib.image.imread(shot)
             assert pixels.std() > 0.05, "the screenshot is blank"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

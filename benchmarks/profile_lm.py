@@ -1,0 +1,89 @@
+"""Where a training step of an LM experiment goes: the model's forward + backward alone (bf16 weights,
+no Ray, no DeepSpeed, no optimizer), its tokens/s and MFU, and the CUDA kernels and CPU ops that take
+the time. The gap between this and `launch/train.py`'s tokens/s is the trainer's share.
+
+    python benchmarks/profile_lm.py experiment=lm_topk moe.top_k=5 [--steps 20] [--out DIR]
+
+Tokens are random ids (the vocabulary size is `data.vocab_size`, no corpus is read); the end-of-text
+id 0 appears in them, so the MoE layers see packed documents as in training. Prints the measured
+speed, the GPU's busy share of the wall time and the top ops; with --out, writes the tables and a
+Chrome trace there.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sparta.platform.config import JobConfig
+from sparta.platform.lm import TransformerLM
+from sparta.platform.worker import PEAK_TFLOPS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(overrides: list[str]) -> tuple[TransformerLM, JobConfig]:
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    job = JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    model = TransformerLM(job.lm_config(job.data.vocab_size, eot_id=0))
+    return model.cuda().to(torch.bfloat16), job
+
+
+def step(model: TransformerLM, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    loss, metrics = model(inputs, targets)
+    loss.backward()
+    return metrics
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch/train.py")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for the tables and the trace")
+    args = parser.parse_args()
+    model, job = build(args.overrides)
+    batch, seq = job.deepspeed.micro_batch_size, job.data.seq_len
+    inputs = torch.randint(0, job.data.vocab_size, (batch, seq + 1), device="cuda")
+    inputs, targets = inputs[:, :-1], inputs[:, 1:]
+
+    for _ in range(5):
+        metrics = step(model, inputs, targets)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        metrics = step(model, inputs, targets)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    experts = {layer: float(metrics[f"moe/layer_{layer:02d}/ffn_experts_per_token"]) for layer in model.moe_layers}
+    flops = model.flops_per_token(seq, experts) * batch * seq
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    name = " ".join(args.overrides) or "default"
+    print(f"{name}: {seconds * 1e3:.1f} ms/step, {batch * seq / seconds:,.0f} tokens/s, "
+          f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))
+
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(3):
+            step(model, inputs, targets)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"GPU busy {gpu_us / 1e6 / wall:.0%} of the wall time ({gpu_us / 3e3:.1f} of {wall / 3 * 1e3:.1f} ms/step)")
+    by_gpu = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
+    by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+    print(by_gpu)
+    print(by_cpu)
+    if args.out:
+        slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) or "default"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"profile-{slug}.txt").write_text(by_gpu + "\n" + by_cpu)
+        prof.export_chrome_trace(str(args.out / f"trace-{slug}.json"))
+
+
+if __name__ == "__main__":
+    main()
