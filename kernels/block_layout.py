@@ -233,6 +233,16 @@ def _tile_coordinates(tile, batch_offset, ORDER, CU_Q, CU_K, num_heads, num_bloc
     block = row % num_blocks
     head = (row // num_blocks) % num_heads
     batch = row // (num_blocks * num_heads) + batch_offset
+    q_row0, k_row0, len_q, len_k = _sequence_rows(batch, head, CU_Q, CU_K, num_heads, group, rows_q, rows_k,
+                                                  seqlen_q, seqlen_k, VARLEN)
+    return row, batch, head, block, sub, q_row0, k_row0, len_q, len_k
+
+
+@triton.jit
+def _sequence_rows(batch, head, CU_Q, CU_K, num_heads, group, rows_q, rows_k, seqlen_q, seqlen_k,
+                   VARLEN: tl.constexpr):
+    """The first q and k rows of (batch, head)'s sequence in the [rows, D] views of the tensors, and
+    its lengths: GQA (k head = head // group), packed variable-length sequences or a padded batch."""
     if VARLEN:  # packed [1, H, total, D]: the sequence starts at cu_seqlens[batch]
         q_start = tl.load(CU_Q + batch)
         k_start = tl.load(CU_K + batch)
@@ -245,7 +255,7 @@ def _tile_coordinates(tile, batch_offset, ORDER, CU_Q, CU_K, num_heads, num_bloc
         len_k = seqlen_k
         q_row0 = (batch * num_heads + head) * rows_q
         k_row0 = (batch * (num_heads // group) + head // group) * rows_k
-    return row, batch, head, block, sub, q_row0, k_row0, len_q, len_k
+    return q_row0, k_row0, len_q, len_k
 
 
 @triton.jit

@@ -35,8 +35,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from .block_layout import _describe
-from .block_sparse_attention import LOG2E, SUPPORTED_HEAD_DIMS
+from .block_layout import _describe, _sequence_rows
+from .block_sparse_attention import LOG2E, SUPPORTED_HEAD_DIMS, check_attention_tensors
 
 SUPPORTED_BLOCK_Q = (16, 32, 64, 128)  # a program's rows are one query block
 
@@ -102,18 +102,8 @@ def _block_mass(desc_q, desc_k, Out, Scratch, REGIONS, CU_Q, CU_K, qk_scale,
             q_block = num_q_blocks - 1 - q_block
         head = (work // num_q_blocks) % num_heads
         b = work // (num_q_blocks * num_heads)
-        if VARLEN:  # packed [1, H, total, D]: the sequence starts at cu_seqlens[b]
-            q_start = tl.load(CU_Q + b)
-            k_start = tl.load(CU_K + b)
-            len_q = tl.load(CU_Q + b + 1) - q_start
-            len_k = tl.load(CU_K + b + 1) - k_start
-            q_row0 = head * rows_q + q_start
-            k_row0 = (head // group) * rows_k + k_start
-        else:
-            len_q = seqlen_q
-            len_k = seqlen_k
-            q_row0 = (b * num_heads + head) * rows_q
-            k_row0 = (b * (num_heads // group) + head // group) * rows_k
+        q_row0, k_row0, len_q, len_k = _sequence_rows(b, head, CU_Q, CU_K, num_heads, group, rows_q, rows_k,
+                                                      seqlen_q, seqlen_k, VARLEN)
         start_m = q_block * BLOCK_M
         if start_m < len_q:
             q_pos = start_m + rows
@@ -275,24 +265,8 @@ def _is_key_block(block_k) -> bool:
 
 def _check_inputs(q, k, block_q, block_k, causal, cu_seqlens_q, cu_seqlens_k, seqlen_q, seqlen_k) -> bool:
     """Validate; returns whether the inputs are packed variable-length sequences."""
-    for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor [B, H, N, D], got {_describe(x)}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
-    if k.dtype != q.dtype:
-        raise ValueError(f"k: dtype {k.dtype} differs from q's {q.dtype}")
-    if k.device != q.device:
-        raise ValueError(f"k: on {k.device}, q on {q.device}")
-    if q.device.type == "cuda":
-        if q.dtype == torch.float32:
-            raise ValueError("q: float32 runs only under the Triton interpreter (CPU tests); use float16/bfloat16")
-    elif os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"q: on {q.device}; the kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 "
-                         "(block_mass_reference computes the same on any device)")
+    check_attention_tensors(q, {"k": k}, "block_mass_reference")
     head_dim = q.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: head dim {head_dim} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
     if k.shape[0] != q.shape[0] or k.shape[-1] != head_dim or q.shape[1] % k.shape[1]:
         raise ValueError(f"k: expected [{q.shape[0]}, Hkv, Nk, {head_dim}] with Hkv dividing {q.shape[1]}, "
                          f"got {tuple(k.shape)}")

@@ -570,30 +570,37 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     return (o, lse) if return_lse else o
 
 
-def _check_inputs(q, k, v, layout: KernelLayout):
-    for name, x in (("q", q), ("k", k), ("v", v)):
+def check_attention_tensors(q, others: dict, reference: str) -> None:
+    """What every attention kernel asks of q and the tensors beside it (`others`, by name): 4-D
+    [B, H, N, D], q's dtype and device, CUDA (or the interpreter), a supported head dim. `reference`
+    names the pure-torch function that computes the same anywhere."""
+    for name, x in (("q", q), *others.items()):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f"{name}: expected a 4-D tensor [B, H, N, D], got {_describe(x)}")
-    if not isinstance(layout, KernelLayout):
-        raise ValueError(f"layout: expected a KernelLayout (build_kernel_layout), got {type(layout).__name__}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q: expected float16 or bfloat16, got {q.dtype}")
-    for name, x in (("k", k), ("v", v)):
+    for name, x in others.items():
         if x.dtype != q.dtype:
             raise ValueError(f"{name}: dtype {x.dtype} differs from q's {q.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device}, q on {q.device}")
-    if layout.kv_count.device != q.device:
-        raise ValueError(f"layout: on {layout.kv_count.device}, q on {q.device}")
     if q.device.type == "cuda":
         if q.dtype == torch.float32:
             raise ValueError("q: float32 runs only under the Triton interpreter (CPU tests); use float16/bfloat16")
     elif os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"q: on {q.device}; the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 "
-                         "(block_sparse_attention_reference computes the same on any device)")
+                         f"({reference} computes the same on any device)")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: head dim {q.shape[-1]} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
+
+
+def _check_inputs(q, k, v, layout: KernelLayout):
+    check_attention_tensors(q, {"k": k, "v": v}, "block_sparse_attention_reference")
+    if not isinstance(layout, KernelLayout):
+        raise ValueError(f"layout: expected a KernelLayout (build_kernel_layout), got {type(layout).__name__}")
+    if layout.kv_count.device != q.device:
+        raise ValueError(f"layout: on {layout.kv_count.device}, q on {q.device}")
     head_dim = q.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q: head dim {head_dim} not supported, expected one of {SUPPORTED_HEAD_DIMS}")
     if k.shape != v.shape or k.shape[-1] != head_dim or k.shape[0] != q.shape[0]:
         raise ValueError(f"k, v: expected equal shapes [{q.shape[0]}, Hkv, Nk, {head_dim}], "
                          f"got k {tuple(k.shape)} and v {tuple(v.shape)}")

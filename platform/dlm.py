@@ -28,7 +28,7 @@ from torch import nn
 from sparta.attention import SparseAttention, SparseDSchedule
 from sparta.kernels.block_layout import SUPPORTED_BLOCK_SIZES
 from sparta.kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS
-from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, moe_metrics
+from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, with_aux_losses
 
 MASK_EPS = 1e-3  # t is drawn in [MASK_EPS, 1], as LLaDA does, so that 1/t stays bounded
 EVAL_NOISE_SEED = 20250214
@@ -122,13 +122,7 @@ class DiffusionLM(nn.Module):
         hidden, auxes = self.hidden(noisy, doc_ids)
         logits = self.head(hidden)[..., :self.cfg.vocab_size]
         loss = elbo_loss(logits, clean, masked, p_mask, clean.shape[1] - prompt_len)
-        metrics = {"loss": loss.detach()}
-        if auxes:
-            aux_loss = sum(aux.loss for aux in auxes.values())
-            metrics["aux_loss"] = aux_loss.detach()
-            metrics.update(moe_metrics(auxes, self.cfg.moe))
-            loss = loss + aux_loss
-        return loss, metrics
+        return with_aux_losses(loss, auxes, self.cfg.moe)
 
     def _noise(self, device: torch.device) -> torch.Generator:
         """Training: this rank's own stream (Ray Train seeds every rank alike, and the same masks on

@@ -173,13 +173,7 @@ class TransformerLM(nn.Module):
         if targets is None:
             return logits
         loss = next_token_loss(logits, targets)
-        metrics = {"loss": loss.detach()}
-        if auxes:
-            aux_loss = sum(aux.loss for aux in auxes.values())
-            metrics["aux_loss"] = aux_loss.detach()
-            metrics.update(moe_metrics(auxes, self.cfg.moe))
-            loss = loss + aux_loss
-        return loss, metrics
+        return with_aux_losses(loss, auxes, self.cfg.moe)
 
     def flops_per_token(self, seq_len: int, ffn_experts_per_token: dict[int, float] | None = None) -> float:
         """Training FLOPs per token (forward + backward = 3x forward): 6 per active matmul weight
@@ -206,6 +200,18 @@ def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:
     """[batch, seq] id of the packed document of each token: the end-of-text tokens before it."""
     is_end = (tokens == eot_id).to(torch.int32)
     return is_end.cumsum(1) - is_end
+
+
+def with_aux_losses(loss: torch.Tensor, auxes: dict[int, MoEAux], cfg: MoEConfig | None):
+    """(the task loss plus the MoE layers' auxiliary losses, the metrics to log: `loss` the task loss,
+    `aux_loss`, per layer `moe_metrics`)."""
+    metrics = {"loss": loss.detach()}
+    if auxes:
+        aux_loss = sum(aux.loss for aux in auxes.values())
+        metrics["aux_loss"] = aux_loss.detach()
+        metrics.update(moe_metrics(auxes, cfg))
+        loss = loss + aux_loss
+    return loss, metrics
 
 
 def moe_metrics(auxes: dict[int, MoEAux], cfg: MoEConfig) -> dict[str, torch.Tensor]:
