@@ -4,7 +4,9 @@ One run on one GPU, bf16, T = 16384 tokens, d_model = 2048:
 - top-k layers E64 top-8 d_ff 1024 and E8 top-2 d_ff 8192 (SwiGLU), forward and forward+backward,
   for the three implementations (same router, same weights, same tokens);
 - MoE++ (64 FFN + 64 zero-computation experts, tau 0.75) vs the vanilla E64 top-8 layer;
-- BlockFFN (64 SiLU experts, d_ff 1024) at several activation rates: layer time vs measured TLS.
+- BlockFFN (64 SiLU experts, d_ff 1024) at several activation rates: layer time vs measured TLS;
+- `torch.compile(MoE, fullgraph=True)` vs the eager layer (E64 top-8 and BlockFFN at rate 0.125), with
+  the compilation time and the recompilations over the timed calls.
 TFLOP/s count the FFN expert FLOPs actually computed: 2 * rows * d_model * (H + d_ff) per forward
 (H = 2 d_ff for SwiGLU), three times that for forward+backward; rows = routed (token, expert) pairs.
 
@@ -12,11 +14,13 @@ TFLOP/s count the FFN expert FLOPs actually computed: 2 * rows * d_model * (H + 
 """
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
+from torch._dynamo.utils import counters
 
 from sparta.moe import MoE, MoEConfig
 from sparta.moe.dispatch import build_plan, build_plan_from_mask, run_local
@@ -26,7 +30,7 @@ import harness
 DEVICE = "cuda"
 TOKENS, D_MODEL = 16384, 2048
 TOPK_CASES = [(64, 8, 1024), (8, 2, 8192)]  # (experts, top_k, d_ff)
-SECTIONS = ("topk", "moepp", "blockffn")
+SECTIONS = ("topk", "moepp", "blockffn", "compile")
 
 
 def topk_route(x, router_weight, top_k):
@@ -210,12 +214,10 @@ def bench_blockffn(rec, profile):
     x = torch.randn(1, TOKENS, D_MODEL, device=DEVICE)
     x[..., -1] = 1.0
     x = x.bfloat16().requires_grad_()
-    normal = torch.distributions.Normal(0.0, 1.0)
-    spread = layer.router.weight[:, :-1].norm(dim=1).mean().item()
     densities, fwd_bwd_times = [], []
     for rate in (0.5, 0.25, 0.125, 0.0625):
+        set_blockffn_rate(layer, rate)
         with torch.no_grad():
-            layer.router.weight[:, -1] = -spread * normal.icdf(torch.tensor(1.0 - rate)).item()
             _, aux = layer(x)
         tls = aux.stats["tls"].item()
         rows = round(aux.stats["ffn_experts_per_token"].item() * TOKENS)
@@ -233,6 +235,65 @@ def bench_blockffn(rec, profile):
     if profile:
         harness.keep_going(profile_layer, layer, x)
         harness.keep_going(profile_blockffn_stages, layer, x)
+
+
+def set_blockffn_rate(layer, rate):
+    """Bias the router (last feature of x is 1) so that a share `rate` of the scores is positive."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    spread = layer.router.weight[:, :-1].norm(dim=1).mean().item()
+    with torch.no_grad():
+        layer.router.weight[:, -1] = -spread * normal.icdf(torch.tensor(1.0 - rate)).item()
+
+
+def bench_compile(rec):
+    """The compiled layer against the eager one, same weights and tokens, fwd and fwd+bwd. Every timed
+    call routes the same tokens; tests/gpu/test_moe_compile_gpu.py checks that new routing reuses the graph."""
+    experts, top_k, d_ff = TOPK_CASES[0]
+    cases = {
+        f"E{experts}-top{top_k}-f{d_ff}-d{D_MODEL}-T{TOKENS}": MoEConfig(router="topk", num_experts=experts,
+                                                                         top_k=top_k, d_ff=d_ff),
+        f"blockffn-E{experts}-f{d_ff}-d{D_MODEL}-T{TOKENS}-rate0.125": MoEConfig(router="blockffn", num_experts=experts,
+                                                                                 d_ff=d_ff),
+    }
+    for case, config in cases.items():
+        layer = make_layer(config)
+        x = torch.randn(1, TOKENS, D_MODEL, device=DEVICE)
+        if config.router == "blockffn":
+            x[..., -1] = 1.0
+            set_blockffn_rate(layer, 0.125)
+        x = x.bfloat16().requires_grad_()
+        inputs = [x] + list(layer.parameters())
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(layer, fullgraph=True)
+        start = time.perf_counter()
+        for grad_mode in (True, False):  # the training graph and the no-grad one the fwd timing uses
+            with torch.set_grad_enabled(grad_mode):
+                y, aux = compiled(x)
+            if grad_mode:
+                torch.autograd.grad([y, aux.loss], inputs, [torch.randn_like(y), torch.ones_like(aux.loss)],
+                                    allow_unused=True)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        graphs = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            _, aux = layer(x)
+        rows = round(aux.stats["ffn_experts_per_token"].item() * TOKENS)
+        eager_ms = timed_passes(lambda: layer_loss_pair(layer, x), inputs, rep_ms=500)
+        compiled_ms = timed_passes(lambda: layer_loss_pair(compiled, x), inputs, rep_ms=500)
+        recompiles = counters["stats"]["unique_graphs"] - graphs
+        swiglu = config.activation == "swiglu"
+        for index, pass_ in enumerate(("fwd", "fwd+bwd")):
+            factor = 3 if pass_ == "fwd+bwd" else 1
+            flops_per_row = 2 * D_MODEL * (3 if swiglu else 2) * d_ff * factor
+            common = dict(tokens=TOKENS, ffn_rows=rows, tls=round(aux.stats["tls"].item(), 4))
+            rec.record(case, "sparta", pass_, eager_ms[index], rows * flops_per_row / eager_ms[index] / 1e9,
+                       part="layer", **common)
+            rec.record(case, "sparta-compiled", pass_, compiled_ms[index],
+                       rows * flops_per_row / compiled_ms[index] / 1e9, part="layer",
+                       speedup_vs_eager=round(eager_ms[index] / compiled_ms[index], 3),
+                       compile_s=round(compile_s, 1), recompiles=recompiles, **common)
+        torch.cuda.empty_cache()
 
 
 def describe_density_scaling(densities, times) -> str:
@@ -319,6 +380,8 @@ def main():
             harness.keep_going(bench_moepp, rec, vanilla_ms, args.profile)
     if "blockffn" in args.only:
         harness.keep_going(bench_blockffn, rec, args.profile)
+    if "compile" in args.only:
+        harness.keep_going(bench_compile, rec)
     print(f"records appended to {out}; peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 

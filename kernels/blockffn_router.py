@@ -26,6 +26,8 @@ programs write unscaled sums and counts that one small kernel finishes. Both are
 backward recomputes the forward from the raw scores and the saved chunk products, and returns d raw
 and d g.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -267,62 +269,134 @@ def _blocks(chunk_size: int, num_chunks: int, num_experts: int, elements: int,
     return chunks, block_j, block_e, chunks * triton.next_power_of_2(chunk_size)
 
 
+def _epilogue_forward(raw, g, doc_pos, batch, seq, eps, sharpness, chunk_size, locality_coef, chunk_coef):
+    """Launch the forward kernels: (weights, probs, slot_expert, active_t [E, T] bool, losses, chunk_unused);
+    losses = [locality, chunk] (+ [pairs, chunks] with documents), chunk_unused is kept for the backward."""
+    num_tokens, num_experts = raw.shape
+    documents = doc_pos is not None
+    num_chunks = -(-seq // chunk_size)
+    if documents:  # the kernels divide by the counts of pairs and chunks
+        locality_scale, chunk_scale = locality_coef, chunk_coef
+    else:
+        locality_scale = locality_coef / (batch * (seq - 1) * num_experts) if seq > 1 else 0.0
+        chunk_scale = chunk_coef / (batch * num_chunks * num_experts)
+    chunks, block_j, block_e, block_r = _blocks(chunk_size, num_chunks, num_experts, 4096, documents)
+    grid = (batch, triton.cdiv(seq, block_r) if documents else triton.cdiv(num_chunks, chunks))
+    weights, probs = torch.empty_like(raw), torch.empty_like(raw)
+    slot_expert = torch.empty(raw.shape, dtype=torch.int64, device=raw.device)
+    active_t = torch.empty(num_experts, num_tokens, dtype=torch.bool, device=raw.device)
+    # With documents a chunk's product is kept at the row of its first token.
+    chunk_unused = torch.empty(num_tokens if documents else batch * num_chunks, num_experts,
+                               dtype=torch.float32, device=raw.device)
+    partial = torch.empty(grid[0] * grid[1], 4 if documents else 2, dtype=torch.float32, device=raw.device)
+    _blockffn_router_fwd_kernel[grid](
+        raw, g, doc_pos if documents else raw, weights, probs, slot_expert, active_t.view(torch.int8), chunk_unused,
+        partial, num_tokens, seq, num_experts, chunk_size, num_chunks, eps, sharpness, locality_scale, chunk_scale,
+        chunk_coef, HAS_DOCS=documents, CHUNKS=chunks, BLOCK_R=block_r, BLOCK_J=block_j, BLOCK_E=block_e,
+        num_warps=8)
+    if documents:
+        losses = torch.empty(4, dtype=torch.float32, device=raw.device)  # + the counts, for the backward
+        _finish_document_losses_kernel[(1,)](
+            partial, losses, partial.shape[0], num_experts, locality_coef, chunk_coef,
+            BLOCK=min(1024, triton.next_power_of_2(partial.shape[0])))
+    else:
+        losses = partial.sum(0)
+    return weights, probs, slot_expert, active_t, losses, chunk_unused
+
+
+def _epilogue_backward(raw, g, doc_pos, chunk_unused, losses, d_weights, d_probs, d_losses,
+                       batch, seq, eps, sharpness, chunk_size, locality_coef, chunk_coef):
+    """(d raw, d g) from the gradients of weights, probs (None: zero) and the two losses."""
+    documents = doc_pos is not None
+    num_experts = raw.shape[1]
+    num_chunks = -(-seq // chunk_size)
+    if documents:
+        locality_scale, chunk_scale = locality_coef, chunk_coef
+    else:
+        locality_scale = locality_coef / (batch * (seq - 1) * num_experts) if seq > 1 else 0.0
+        chunk_scale = chunk_coef / (batch * num_chunks * num_experts)
+    chunks, block_j, block_e, block_r = _blocks(chunk_size, num_chunks, num_experts, 2048, documents)
+    grid = (batch, triton.cdiv(seq, block_r) if documents else triton.cdiv(num_chunks, chunks))
+    d_raw = torch.empty_like(raw)
+    d_g = torch.empty(grid[0] * grid[1], num_experts, dtype=torch.float32, device=raw.device)
+    _blockffn_router_bwd_kernel[grid](
+        raw, g, doc_pos if documents else raw, chunk_unused, d_weights,
+        d_weights if d_probs is None else d_probs.contiguous(), d_losses, losses[2:], d_raw, d_g,
+        seq, num_experts, chunk_size, num_chunks, eps, sharpness, locality_scale, chunk_scale,
+        HAS_D_PROBS=d_probs is not None, HAS_DOCS=documents, CHUNKS=chunks, BLOCK_R=block_r, BLOCK_J=block_j,
+        BLOCK_E=block_e, num_warps=8)
+    return d_raw, d_g.sum(0)
+
+
 class _BlockFFNRouterEpilogue(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, raw, g, doc_pos, batch, seq, eps, sharpness, chunk_size, locality_coef, chunk_coef):
-        num_tokens, num_experts = raw.shape
-        documents = doc_pos is not None
-        num_chunks = -(-seq // chunk_size)
-        if documents:  # the kernels divide by the counts of pairs and chunks
-            locality_scale, chunk_scale = locality_coef, chunk_coef
-        else:
-            locality_scale = locality_coef / (batch * (seq - 1) * num_experts) if seq > 1 else 0.0
-            chunk_scale = chunk_coef / (batch * num_chunks * num_experts)
-        chunks, block_j, block_e, block_r = _blocks(chunk_size, num_chunks, num_experts, 4096, documents)
-        grid = (batch, triton.cdiv(seq, block_r) if documents else triton.cdiv(num_chunks, chunks))
-        weights, probs = torch.empty_like(raw), torch.empty_like(raw)
-        slot_expert = torch.empty(raw.shape, dtype=torch.int64, device=raw.device)
-        active_t = torch.empty(num_experts, num_tokens, dtype=torch.bool, device=raw.device)
-        # With documents a chunk's product is kept at the row of its first token.
-        chunk_unused = torch.empty(num_tokens if documents else batch * num_chunks, num_experts,
-                                   dtype=torch.float32, device=raw.device)
-        partial = torch.empty(grid[0] * grid[1], 4 if documents else 2, dtype=torch.float32, device=raw.device)
-        _blockffn_router_fwd_kernel[grid](
-            raw, g, doc_pos if documents else raw, weights, probs, slot_expert, active_t.view(torch.int8), chunk_unused,
-            partial, num_tokens, seq, num_experts, chunk_size, num_chunks, eps, sharpness, locality_scale, chunk_scale,
-            chunk_coef, HAS_DOCS=documents, CHUNKS=chunks, BLOCK_R=block_r, BLOCK_J=block_j, BLOCK_E=block_e,
-            num_warps=8)
-        if documents:
-            losses = torch.empty(4, dtype=torch.float32, device=raw.device)  # + the counts, for the backward
-            _finish_document_losses_kernel[(1,)](
-                partial, losses, partial.shape[0], num_experts, locality_coef, chunk_coef,
-                BLOCK=min(1024, triton.next_power_of_2(partial.shape[0])))
-        else:
-            losses = partial.sum(0)
+    def forward(ctx, raw, g, doc_pos, *settings):
+        weights, probs, slot_expert, active_t, losses, chunk_unused = _epilogue_forward(raw, g, doc_pos, *settings)
         ctx.save_for_backward(raw, g, doc_pos, chunk_unused, losses)
-        ctx.sizes = (batch, seq, eps, sharpness, chunk_size, num_chunks, locality_scale, chunk_scale)
+        ctx.settings = settings
         ctx.mark_non_differentiable(slot_expert, active_t)
         return weights, probs, slot_expert, active_t.t(), losses[:2]
 
     @staticmethod
     def backward(ctx, d_weights, d_probs, _slot_expert, _active, d_losses):
         raw, g, doc_pos, chunk_unused, losses = ctx.saved_tensors
-        batch, seq, eps, sharpness, chunk_size, num_chunks, locality_scale, chunk_scale = ctx.sizes
-        documents = doc_pos is not None
-        num_experts = raw.shape[1]
         d_losses = raw.new_zeros(2) if d_losses is None else d_losses.contiguous()
         d_weights = torch.zeros_like(raw) if d_weights is None else d_weights.contiguous()
-        chunks, block_j, block_e, block_r = _blocks(chunk_size, num_chunks, num_experts, 2048, documents)
-        grid = (batch, triton.cdiv(seq, block_r) if documents else triton.cdiv(num_chunks, chunks))
-        d_raw = torch.empty_like(raw)
-        d_g = torch.empty(grid[0] * grid[1], num_experts, dtype=torch.float32, device=raw.device)
-        _blockffn_router_bwd_kernel[grid](
-            raw, g, doc_pos if documents else raw, chunk_unused, d_weights,
-            d_weights if d_probs is None else d_probs.contiguous(), d_losses, losses[2:], d_raw, d_g,
-            seq, num_experts, chunk_size, num_chunks, eps, sharpness, locality_scale, chunk_scale,
-            HAS_D_PROBS=d_probs is not None, HAS_DOCS=documents, CHUNKS=chunks, BLOCK_R=block_r, BLOCK_J=block_j,
-            BLOCK_E=block_e, num_warps=8)
-        return d_raw, d_g.sum(0), None, None, None, None, None, None, None, None
+        d_raw, d_g = _epilogue_backward(raw, g, doc_pos, chunk_unused, losses, d_weights, d_probs, d_losses,
+                                        *ctx.settings)
+        return d_raw, d_g, None, None, None, None, None, None, None, None
+
+
+# The same kernels as custom ops, for torch.compile. The loss coefficients are not arguments: the op
+# computes the unweighted losses and the caller multiplies them, so that a coefficient changed by a
+# schedule between steps is a graph input, not a constant baked into the graph.
+@torch.library.custom_op("sparta::blockffn_router_epilogue", mutates_args=())
+def _epilogue_op(raw: torch.Tensor, g: torch.Tensor, doc_pos: Optional[torch.Tensor], batch: int, seq: int, eps: float,
+                 sharpness: float, chunk_size: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _epilogue_forward(raw, g, doc_pos, batch, seq, eps, sharpness, chunk_size, 1.0, 1.0)
+
+
+@_epilogue_op.register_fake
+def _(raw, g, doc_pos, batch, seq, eps, sharpness, chunk_size):
+    num_tokens, num_experts = raw.shape
+    documents = doc_pos is not None
+    chunk_rows = num_tokens if documents else batch * -(-seq // chunk_size)
+    return (torch.empty_like(raw), torch.empty_like(raw), raw.new_empty(raw.shape, dtype=torch.int64),
+            raw.new_empty(num_experts, num_tokens, dtype=torch.bool), raw.new_empty(4 if documents else 2),
+            raw.new_empty(chunk_rows, num_experts))
+
+
+@torch.library.custom_op("sparta::blockffn_router_epilogue_backward", mutates_args=())
+def _epilogue_backward_op(raw: torch.Tensor, g: torch.Tensor, doc_pos: Optional[torch.Tensor], chunk_unused: torch.Tensor,
+                          losses: torch.Tensor, d_weights: torch.Tensor, d_probs: Optional[torch.Tensor],
+                          d_losses: torch.Tensor,
+                          batch: int, seq: int, eps: float, sharpness: float,
+                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _epilogue_backward(raw, g, doc_pos, chunk_unused, losses, d_weights.contiguous(), d_probs,
+                              d_losses.contiguous(), batch, seq, eps, sharpness, chunk_size, 1.0, 1.0)
+
+
+@_epilogue_backward_op.register_fake
+def _(raw, g, *args):
+    return torch.empty_like(raw), torch.empty_like(g)
+
+
+def _epilogue_op_setup(ctx, inputs, output):
+    raw, g, doc_pos, *ctx.settings = inputs
+    ctx.save_for_backward(raw, g, doc_pos, output[5], output[4])
+
+
+def _epilogue_op_backward(ctx, d_weights, d_probs, _slot_expert, _active, d_losses, _chunk_unused):
+    raw, g, doc_pos, chunk_unused, losses = ctx.saved_tensors
+    d_weights = torch.zeros_like(raw) if d_weights is None else d_weights
+    d_losses = raw.new_zeros(losses.shape) if d_losses is None else d_losses
+    d_raw, d_g = _epilogue_backward_op(raw, g, doc_pos, chunk_unused, losses, d_weights, d_probs, d_losses[:2],
+                                       *ctx.settings)
+    return (d_raw, d_g) + (None,) * 6
+
+
+_epilogue_op.register_autograd(_epilogue_op_backward, setup_context=_epilogue_op_setup)
 
 
 def blockffn_router_epilogue(raw: torch.Tensor, norm_weight: torch.Tensor, batch_shape: tuple[int, int], *,
@@ -346,8 +420,14 @@ def blockffn_router_epilogue(raw: torch.Tensor, norm_weight: torch.Tensor, batch
         raise ValueError(f"norm_weight must be fp32 [{raw.shape[1]}], got {norm_weight.dtype} {tuple(norm_weight.shape)}")
     if doc_pos is not None and (doc_pos.shape != (batch, seq) or doc_pos.dtype != torch.int32):
         raise ValueError(f"doc_pos must be int32 [batch={batch}, seq={seq}], got {doc_pos.dtype} {tuple(doc_pos.shape)}")
+    raw, norm_weight = raw.contiguous(), norm_weight.contiguous()
+    doc_pos = None if doc_pos is None else doc_pos.contiguous()
+    if torch.compiler.is_compiling():
+        weights, probs, slot_expert, active_t, losses, _ = _epilogue_op(
+            raw, norm_weight, doc_pos, batch, seq, float(eps), float(sharpness), int(chunk_size))
+        return weights, probs, slot_expert, active_t.t(), locality_coef * losses[0], chunk_sparsity_coef * losses[1]
     weights, probs, slot_expert, active, losses = _BlockFFNRouterEpilogue.apply(
-        raw.contiguous(), norm_weight.contiguous(), None if doc_pos is None else doc_pos.contiguous(), batch, seq,
+        raw, norm_weight, doc_pos, batch, seq,
         float(eps), float(sharpness), int(chunk_size), float(locality_coef), float(chunk_sparsity_coef))
     locality_loss, chunk_sparsity_loss = losses.unbind()
     return weights, probs, slot_expert, active, locality_loss, chunk_sparsity_loss

@@ -18,6 +18,11 @@ cut into BLOCK_M tiles, the grid covers the worst case (cdiv(M, BLOCK_M) + G til
 finds its group by counting the groups whose tiles end at or before its own tile index.
 Rows past offs[-1] belong to no group; their output is unspecified ("torch") or zero ("triton",
 "loop").
+
+Under `torch.compile` bf16 on the "torch" backend stays `torch._grouped_mm` (the compiler knows
+it); every other case is the custom op `sparta::grouped_mm` (opaque, no graph break), because
+`torch._grouped_mm`'s fake kernel refuses the dtypes its CPU kernel runs (fp32, fp16) and the loop
+reads the offsets on the host. Eager calls keep the direct paths (no custom-op dispatch cost).
 """
 import os
 
@@ -25,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe_reference import grouped_mm_reference
+from .moe_reference import grouped_mm_reference, grouped_mm_weight_grad_reference
 
 GROUPED_MM_IMPLS = ("torch", "triton", "loop")
 
@@ -164,17 +169,78 @@ def _strides_aligned(t: torch.Tensor) -> bool:
     return all(s % alignment == 0 for s in t.stride() if s != 1)
 
 
+@torch.compiler.assume_constant_result
+def _cuda_runs_torch_grouped_mm(device_index: int) -> bool:
+    """bf16 `torch._grouped_mm` on this CUDA device; a constant for torch.compile (it cannot trace
+    the capability query)."""
+    if torch.version.hip:
+        return False
+    major_minor = tuple(int(v) for v in torch.__version__.split(".")[:2])
+    capability = torch.cuda.get_device_capability(device_index)
+    return capability == (9, 0) or (major_minor >= (2, 9) and capability >= (8, 0))
+
+
 def torch_grouped_mm_supports(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether this torch build runs `torch._grouped_mm` on these inputs."""
     if not hasattr(torch, "_grouped_mm") or not (_strides_aligned(x) and _strides_aligned(w)):
         return False
     if x.device.type == "cpu":
         return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if x.device.type != "cuda" or x.dtype != torch.bfloat16 or torch.version.hip:
+    if x.device.type != "cuda" or x.dtype != torch.bfloat16:
         return False
-    major_minor = tuple(int(v) for v in torch.__version__.split(".")[:2])
-    capability = torch.cuda.get_device_capability(x.device)
-    return capability == (9, 0) or (major_minor >= (2, 9) and capability >= (8, 0))
+    return _cuda_runs_torch_grouped_mm(x.device.index)
+
+
+def _run(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
+    """One backend, eagerly (autograd included)."""
+    if impl == "torch":
+        return torch._grouped_mm(x, w, offs=offs)
+    if impl == "triton":
+        return _TritonGroupedMM.apply(x, w, offs)
+    return grouped_mm_reference(x, w, offs)
+
+
+@torch.library.custom_op("sparta::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
+    return _run(x, w, offs, impl)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs, impl):
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("sparta::grouped_mm_weight_grad", mutates_args=())
+def _grouped_mm_weight_grad_op(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor, impl: str) -> torch.Tensor:
+    """dw[g] = x[rows of g]^T @ dy[rows of g] ([G, K, N])."""
+    if impl == "triton":
+        return _triton_weight_grad(x, dy.contiguous(), offs)
+    return grouped_mm_weight_grad_reference(x, dy, offs)
+
+
+@_grouped_mm_weight_grad_op.register_fake
+def _(x, dy, offs, impl):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _grouped_mm_op_setup(ctx, inputs, output):
+    x, w, offs, ctx.impl = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _grouped_mm_op_backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dx = dw = None
+    if ctx.needs_input_grad[0]:
+        w_t = w.transpose(-2, -1)
+        impl = ctx.impl if ctx.impl != "torch" or torch_grouped_mm_supports(dy, w_t) else "loop"
+        dx = _grouped_mm_op(dy.contiguous(), w_t, offs, impl)
+    if ctx.needs_input_grad[1]:
+        dw = _grouped_mm_weight_grad_op(x, dy, offs, ctx.impl)
+    return dx, dw, None, None
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_op_backward, setup_context=_grouped_mm_op_setup)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str | None = None) -> torch.Tensor:
@@ -192,10 +258,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, impl: str |
         raise ValueError(f"grouped_mm: x and w must share a dtype, got {x.dtype} and {w.dtype}")
     if impl is None:
         impl = "torch" if torch_grouped_mm_supports(x, w) else ("triton" if x.is_cuda else "loop")
-    if impl == "torch":
-        return torch._grouped_mm(x, w, offs=offs)
-    if impl == "triton":
-        return _TritonGroupedMM.apply(x, w, offs)
-    if impl == "loop":
-        return grouped_mm_reference(x, w, offs)
-    raise ValueError(f"grouped_mm: impl must be one of {GROUPED_MM_IMPLS} or None, got {impl!r}")
+    if impl not in GROUPED_MM_IMPLS:
+        raise ValueError(f"grouped_mm: impl must be one of {GROUPED_MM_IMPLS} or None, got {impl!r}")
+    if torch.compiler.is_compiling() and not (impl == "torch" and x.dtype == torch.bfloat16):
+        return _grouped_mm_op(x, w, offs, impl)
+    return _run(x, w, offs, impl)

@@ -19,7 +19,10 @@ buffer statically and skip the host synchronisation a data-dependent size needs;
 read them (their content is whatever the grouped GEMM left there, possibly NaN).
 
 Each op has a Triton path (CUDA, or the CPU under TRITON_INTERPRET=1 with `use_triton=True`) and
-the pure-torch path of `moe_reference.py` (the default off CUDA); `use_triton` picks one.
+the pure-torch path of `moe_reference.py` (the default off CUDA); `use_triton` picks one. Under
+`torch.compile` the Triton path is a `torch.library` custom op (`sparta::moe_permute`, ...): opaque
+to the compiler, so that a data-dependent number of rows (BlockFFN) never reaches the launch
+arithmetic; eager calls keep the autograd.Functions (no custom-op dispatch cost).
 """
 import os
 
@@ -212,33 +215,117 @@ class _Unpermute(torch.autograd.Function):
         return _gather_rows(dy.contiguous(), row_token), None, None
 
 
+def _weighted_activation_forward(h: torch.Tensor, row_weight: torch.Tensor, activation: str,
+                                 num_rows: torch.Tensor) -> torch.Tensor:
+    width = h.shape[1] // 2 if activation == "swiglu" else h.shape[1]
+    a = torch.empty(h.shape[0], width, dtype=h.dtype, device=h.device)
+    if a.numel():
+        block_r, block_f = _row_blocks(a.shape[0], width, max_cols=1024, elements=4096)
+        grid = (triton.cdiv(a.shape[0], block_r), triton.cdiv(width, block_f))
+        _weighted_activation_fwd_kernel[grid](h, row_weight, a, num_rows, width, h.stride(0), a.stride(0),
+                                              ACT=_ACTIVATION_CODE[activation], BLOCK_R=block_r, BLOCK_F=block_f)
+    return a
+
+
+def _weighted_activation_backward(da: torch.Tensor, h: torch.Tensor, row_weight: torch.Tensor, activation: str,
+                                  num_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    da = da.contiguous()
+    width = da.shape[1]
+    dh = torch.empty_like(h)
+    dw = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    if h.shape[0]:
+        block_r, block_f = _row_blocks(h.shape[0], width, max_cols=512, elements=2048)
+        _weighted_activation_bwd_kernel[(triton.cdiv(h.shape[0], block_r),)](
+            h, row_weight, da, dh, dw, h.shape[0], num_rows, width, h.stride(0), da.stride(0), dh.stride(0),
+            ACT=_ACTIVATION_CODE[activation], BLOCK_R=block_r, BLOCK_F=block_f)
+    return dh, dw.to(row_weight.dtype)
+
+
 class _WeightedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, row_weight, activation, num_rows):
         ctx.save_for_backward(h, row_weight, num_rows)
         ctx.activation = activation
-        width = h.shape[1] // 2 if activation == "swiglu" else h.shape[1]
-        a = torch.empty(h.shape[0], width, dtype=h.dtype, device=h.device)
-        if a.numel():
-            block_r, block_f = _row_blocks(a.shape[0], width, max_cols=1024, elements=4096)
-            grid = (triton.cdiv(a.shape[0], block_r), triton.cdiv(width, block_f))
-            _weighted_activation_fwd_kernel[grid](h, row_weight, a, num_rows, width, h.stride(0), a.stride(0),
-                                                  ACT=_ACTIVATION_CODE[activation], BLOCK_R=block_r, BLOCK_F=block_f)
-        return a
+        return _weighted_activation_forward(h, row_weight, activation, num_rows)
 
     @staticmethod
     def backward(ctx, da):
         h, row_weight, num_rows = ctx.saved_tensors
-        da = da.contiguous()
-        width = da.shape[1]
-        dh = torch.empty_like(h)
-        dw = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-        if h.shape[0]:
-            block_r, block_f = _row_blocks(h.shape[0], width, max_cols=512, elements=2048)
-            _weighted_activation_bwd_kernel[(triton.cdiv(h.shape[0], block_r),)](
-                h, row_weight, da, dh, dw, h.shape[0], num_rows, width, h.stride(0), da.stride(0), dh.stride(0),
-                ACT=_ACTIVATION_CODE[ctx.activation], BLOCK_R=block_r, BLOCK_F=block_f)
-        return dh, dw.to(row_weight.dtype), None, None
+        return *_weighted_activation_backward(da, h, row_weight, ctx.activation, num_rows), None, None
+
+
+# The same kernels as custom ops, for torch.compile. permute and unpermute are each other's adjoint,
+# so each one's backward is the other op.
+@torch.library.custom_op("sparta::moe_permute", mutates_args=())
+def _permute_op(x: torch.Tensor, row_token: torch.Tensor, token_pos: torch.Tensor) -> torch.Tensor:
+    return _gather_rows(x.contiguous(), row_token)
+
+
+@_permute_op.register_fake
+def _(x, row_token, token_pos):
+    return x.new_empty(row_token.shape[0], x.shape[1])
+
+
+@torch.library.custom_op("sparta::moe_unpermute", mutates_args=())
+def _unpermute_op(rows: torch.Tensor, row_token: torch.Tensor, token_pos: torch.Tensor) -> torch.Tensor:
+    return _gather_sum(rows.contiguous(), token_pos.contiguous())
+
+
+@_unpermute_op.register_fake
+def _(rows, row_token, token_pos):
+    return rows.new_empty(token_pos.shape[0], rows.shape[1])
+
+
+def _save_plan(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:])
+
+
+def _permute_op_backward(ctx, d_rows):
+    return _unpermute_op(d_rows, *ctx.saved_tensors), None, None
+
+
+def _unpermute_op_backward(ctx, dy):
+    return _permute_op(dy, *ctx.saved_tensors), None, None
+
+
+_permute_op.register_autograd(_permute_op_backward, setup_context=_save_plan)
+_unpermute_op.register_autograd(_unpermute_op_backward, setup_context=_save_plan)
+
+
+@torch.library.custom_op("sparta::moe_weighted_activation", mutates_args=())
+def _weighted_activation_op(h: torch.Tensor, row_weight: torch.Tensor, num_rows: torch.Tensor,
+                            activation: str) -> torch.Tensor:
+    return _weighted_activation_forward(h.contiguous(), row_weight.contiguous(), activation, num_rows)
+
+
+@_weighted_activation_op.register_fake
+def _(h, row_weight, num_rows, activation):
+    return h.new_empty(h.shape[0], h.shape[1] // 2 if activation == "swiglu" else h.shape[1])
+
+
+@torch.library.custom_op("sparta::moe_weighted_activation_backward", mutates_args=())
+def _weighted_activation_backward_op(da: torch.Tensor, h: torch.Tensor, row_weight: torch.Tensor,
+                                     num_rows: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _weighted_activation_backward(da, h.contiguous(), row_weight, activation, num_rows)
+
+
+@_weighted_activation_backward_op.register_fake
+def _(da, h, row_weight, num_rows, activation):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(row_weight)
+
+
+def _weighted_activation_op_setup(ctx, inputs, output):
+    h, row_weight, num_rows, ctx.activation = inputs
+    ctx.save_for_backward(h, row_weight, num_rows)
+
+
+def _weighted_activation_op_backward(ctx, da):
+    h, row_weight, num_rows = ctx.saved_tensors
+    dh, dw = _weighted_activation_backward_op(da, h, row_weight, num_rows, ctx.activation)
+    return dh, dw, None, None
+
+
+_weighted_activation_op.register_autograd(_weighted_activation_op_backward, setup_context=_weighted_activation_op_setup)
 
 
 def _check_plan(num_tokens: int, row_token: torch.Tensor, token_pos: torch.Tensor) -> None:
@@ -254,6 +341,8 @@ def permute(x: torch.Tensor, row_token: torch.Tensor, token_pos: torch.Tensor, *
     Padding rows (row_token -1) are left unwritten on the Triton path, zero on the torch path."""
     _check_plan(x.shape[0], row_token, token_pos)
     if use_triton if use_triton is not None else x.is_cuda:
+        if torch.compiler.is_compiling():
+            return _permute_op(x, row_token, token_pos)
         return _Permute.apply(x.contiguous(), row_token, token_pos.contiguous())
     return permute_reference(x, row_token)
 
@@ -264,6 +353,8 @@ def unpermute(rows: torch.Tensor, row_token: torch.Tensor, token_pos: torch.Tens
     Padding rows are never read, and get no gradient."""
     _check_plan(token_pos.shape[0], row_token, token_pos)
     if use_triton if use_triton is not None else rows.is_cuda:
+        if torch.compiler.is_compiling():
+            return _unpermute_op(rows, row_token, token_pos)
         return _Unpermute.apply(rows.contiguous(), row_token, token_pos.contiguous())
     return unpermute_reference(rows, row_token, token_pos.shape[0])
 
@@ -285,5 +376,7 @@ def weighted_activation(h: torch.Tensor, row_weight: torch.Tensor, activation: s
     if num_rows.numel() != 1 or num_rows.device != h.device:
         raise ValueError(f"num_rows must be a 1-element tensor on {h.device}, got {tuple(num_rows.shape)} on {num_rows.device}")
     if use_triton if use_triton is not None else h.is_cuda:
+        if torch.compiler.is_compiling():
+            return _weighted_activation_op(h, row_weight, num_rows.reshape(1), activation)
         return _WeightedActivation.apply(h.contiguous(), row_weight.contiguous(), activation, num_rows.reshape(1))
     return weighted_activation_reference(h, row_weight, activation, num_rows)

@@ -29,6 +29,17 @@ def grouped_mm_reference(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -
     return out
 
 
+def grouped_mm_weight_grad_reference(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of `grouped_mm_reference`: `dw[g] = x[rows of g]^T @ dy[rows of g]`
+    ([G, K, N], zeros for an empty group)."""
+    dw = x.new_zeros(offs.shape[0], x.shape[1], dy.shape[1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        dw[g] = x[start:end].t() @ dy[start:end]
+        start = end
+    return dw
+
+
 def permute_reference(x: torch.Tensor, row_token: torch.Tensor) -> torch.Tensor:
     """Expert-sorted rows: `rows[r] = x[row_token[r]]`; padding rows (row_token -1) are 0."""
     rows = x.index_select(0, row_token.long().clamp(min=0))

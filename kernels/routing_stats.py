@@ -14,6 +14,8 @@ halves it the same way: a smaller chunk of a document is a part of one of its 2^
 number of chunks of each size is only known at the end, so the programs write the counts of used
 (chunk, expert) pairs and of chunks, and CLS is finished after the sum.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,14 @@ def routing_stats_fused(used: torch.Tensor, probs: torch.Tensor, num_cls_sizes: 
         raise ValueError(f"probs must be fp32 [batch*seq={batch * seq}, experts], got {probs.dtype} {tuple(probs.shape)}")
     if doc_pos is not None and (doc_pos.shape != (batch, seq) or doc_pos.dtype != torch.int32):
         raise ValueError(f"doc_pos must be int32 [batch={batch}, seq={seq}], got {doc_pos.dtype} {tuple(doc_pos.shape)}")
+    if torch.compiler.is_compiling():
+        return _routing_stats_op(used, probs, num_cls_sizes, doc_pos)
+    return _routing_stats_launch(used, probs, num_cls_sizes, doc_pos)
+
+
+def _routing_stats_launch(used: torch.Tensor, probs: torch.Tensor, num_cls_sizes: int,
+                          doc_pos: torch.Tensor | None) -> torch.Tensor:
+    batch, seq, experts = used.shape
     block_e = triton.next_power_of_2(experts)
     group_rows = 1 << num_cls_sizes
     budget = 1 << 15 if _interpreting() else 4096
@@ -130,3 +140,15 @@ def routing_stats_fused(used: torch.Tensor, probs: torch.Tensor, num_cls_sizes: 
         return values
     head, used_pairs, chunks = values.split([experts + 3, num_cls_sizes, num_cls_sizes])
     return torch.cat([head, 1.0 - used_pairs / (chunks * experts)])
+
+
+# For torch.compile: one opaque op (Inductor cannot lower the bool -> int8 view the kernel reads through).
+@torch.library.custom_op("sparta::routing_stats", mutates_args=())
+def _routing_stats_op(used: torch.Tensor, probs: torch.Tensor, num_cls_sizes: int,
+                      doc_pos: Optional[torch.Tensor]) -> torch.Tensor:
+    return _routing_stats_launch(used, probs, num_cls_sizes, doc_pos)
+
+
+@_routing_stats_op.register_fake
+def _(used, probs, num_cls_sizes, doc_pos):
+    return probs.new_empty(used.shape[-1] + 3 + num_cls_sizes)

@@ -9,11 +9,18 @@ expert-sorted rows are already grouped by destination rank (experts are split in
 ranges), so one `all_to_all_single` of the per-expert counts, then one of the rows (and their
 routing weights), carries every row to the rank that owns its expert; the results come back in
 the same order.
+
+Under `torch.compile` the two steps whose sizes only the data knows are custom ops with
+data-dependent output sizes: BlockFFN's `nonzero` of the active pairs, and the expert-parallel
+exchange of rows, whose split sizes a rank learns from the counts. Their host synchronisation
+(the same as eager) stays inside the ops, and new routing does not recompile. The counts travel
+by a functional collective (fixed splits).
 """
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 from sparta.kernels.moe_permute import permute, unpermute
@@ -86,7 +93,7 @@ def build_plan_from_mask(active: torch.Tensor, weight: torch.Tensor) -> RoutingP
     offs = counts.cumsum(0).to(torch.int32)
     slot_of_pair = active.cumsum(1) - 1  # place of an active pair among its token's pairs
     token_pos = torch.full((num_tokens, num_experts), -1, dtype=torch.int32, device=active.device)
-    row_expert, row_token = active.t().nonzero().unbind(1)  # the synchronisation: the rest is launched before it
+    row_expert, row_token = _active_pairs(active.t())  # the synchronisation: the rest is launched before it
     pair = row_expert.add(row_token, alpha=num_experts)  # flat index of (token, expert)
     token_pos[row_token, slot_of_pair.reshape(-1)[pair]] = torch.arange(
         row_token.shape[0], dtype=torch.int32, device=active.device)
@@ -106,6 +113,26 @@ def run_local(x: torch.Tensor, plan: RoutingPlan, experts) -> torch.Tensor:
     return unpermute(out, plan.row_token, plan.token_pos)
 
 
+@torch.library.custom_op("sparta::moe_active_pairs", mutates_args=())
+def _active_pairs_op(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, columns = mask.nonzero().unbind(1)
+    return rows.clone(), columns.clone()  # views of one tensor cannot be a custom op's outputs
+
+
+@_active_pairs_op.register_fake
+def _(mask):
+    pairs = torch.library.get_ctx().new_dynamic_size(max=mask.numel())
+    return mask.new_empty(pairs, dtype=torch.int64), mask.new_empty(pairs, dtype=torch.int64)
+
+
+def _active_pairs(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row indices, column indices) of the True entries of a 2-D mask, in row-major order: `nonzero`,
+    which torch.compile traces only in a full graph, hence an op of its own there."""
+    if torch.compiler.is_compiling():
+        return _active_pairs_op(mask)
+    return mask.nonzero().unbind(1)
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single whose backward sends the gradients back along the reversed splits."""
 
@@ -121,9 +148,20 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad.contiguous(), *ctx.splits, ctx.group), None, None, None
 
 
+def _experts_on_received(rows, weight, recv_counts, row_expert, experts):
+    """Run the local experts on received rows ordered (source rank, local expert); results in that order.
+    recv_counts [source rank, local expert]; row_expert: the local expert of each row."""
+    by_expert = torch.argsort(row_expert, stable=True)
+    offs = torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)
+    out = experts(rows[by_expert], weight[by_expert], offs)
+    return out[torch.argsort(by_expert)]
+
+
 def run_expert_parallel(x: torch.Tensor, plan: RoutingPlan, experts, group) -> torch.Tensor:
     """Experts sharded over `group` (rank r owns experts [r*E/P, (r+1)*E/P)); same result as
     `run_local` with all experts. The counts travel first, then the rows."""
+    if torch.compiler.is_compiling():
+        return _run_expert_parallel_traced(x, plan, experts, group)
     world = dist.get_world_size(group)
     num_local = plan.counts.shape[0] // world
     rows = permute(x, plan.row_token, plan.token_pos)
@@ -135,12 +173,75 @@ def run_expert_parallel(x: torch.Tensor, plan: RoutingPlan, experts, group) -> t
     real_rows = sum(send_splits)  # padding rows stay home
     recv_rows = _AllToAll.apply(rows[:real_rows], recv_splits, send_splits, group)
     recv_weight = _AllToAll.apply(plan.row_weight[:real_rows], recv_splits, send_splits, group)
-    # Received rows are ordered (source rank, local expert); the grouped GEMM wants (local expert).
     local_expert = torch.arange(num_local, device=x.device).repeat(world)
     row_expert = torch.repeat_interleave(local_expert, recv_counts.reshape(-1), output_size=sum(recv_splits))
-    by_expert = torch.argsort(row_expert, stable=True)
-    offs = torch.cumsum(recv_counts.sum(0), 0).to(torch.int32)
-    out = experts(recv_rows[by_expert], recv_weight[by_expert], offs)
-    out = out[torch.argsort(by_expert)]
+    out = _experts_on_received(recv_rows, recv_weight, recv_counts, row_expert, experts)
     out_rows = _AllToAll.apply(out, send_splits, recv_splits, group)
     return unpermute(out_rows, plan.row_token[:real_rows], plan.token_pos)
+
+
+# torch.compile's version of the exchange. The split sizes are copied to the host once (the one
+# synchronisation, as the eager `tolist`) and only the ops read them; the number of received rows is a
+# data-dependent size, and the rows coming back fill a buffer of the plan's static size (padding rows,
+# never read, at the end).
+@torch.library.custom_op("sparta::moe_received_row_experts", mutates_args=())
+def _received_row_experts_op(recv_counts: torch.Tensor, host_splits: torch.Tensor) -> torch.Tensor:
+    """recv_counts [source rank, local expert] -> the local expert of every received row;
+    host_splits [2, ranks] on the CPU: rows sent to, received from each rank."""
+    local_expert = torch.arange(recv_counts.shape[1], device=recv_counts.device).repeat(recv_counts.shape[0])
+    return torch.repeat_interleave(local_expert, recv_counts.reshape(-1), output_size=int(host_splits[1].sum()))
+
+
+@_received_row_experts_op.register_fake
+def _(recv_counts, host_splits):
+    return recv_counts.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=torch.int64)
+
+
+@torch.library.custom_op("sparta::moe_all_to_all", mutates_args=())
+def _all_to_all_op(x: torch.Tensor, send_splits: torch.Tensor, recv_splits: torch.Tensor, out_rows: int,
+                   group_name: str) -> torch.Tensor:
+    """Send x's first sum(send_splits) rows, split by destination rank; the received rows, by source rank,
+    fill the first sum(recv_splits) of out_rows rows (the rest is zero). The splits are CPU tensors."""
+    send, recv = send_splits.tolist(), recv_splits.tolist()
+    out = x.new_empty(out_rows, *x.shape[1:])
+    received = sum(recv)
+    dist.all_to_all_single(out[:received], x[:sum(send)].contiguous(), recv, send,
+                           group=dist.distributed_c10d._resolve_process_group(group_name))
+    out[received:].zero_()
+    return out
+
+
+@_all_to_all_op.register_fake
+def _(x, send_splits, recv_splits, out_rows, group_name):
+    return x.new_empty(out_rows, *x.shape[1:])
+
+
+def _all_to_all_op_setup(ctx, inputs, output):
+    x, send_splits, recv_splits, _, ctx.group_name = inputs
+    ctx.save_for_backward(send_splits, recv_splits)
+    ctx.in_rows = x.shape[0]
+
+
+def _all_to_all_op_backward(ctx, grad):
+    send_splits, recv_splits = ctx.saved_tensors
+    return _all_to_all_op(grad, recv_splits, send_splits, ctx.in_rows, ctx.group_name), None, None, None, None
+
+
+_all_to_all_op.register_autograd(_all_to_all_op_backward, setup_context=_all_to_all_op_setup)
+
+
+def _run_expert_parallel_traced(x: torch.Tensor, plan: RoutingPlan, experts, group) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    num_local = plan.counts.shape[0] // world
+    rows = permute(x, plan.row_token, plan.token_pos)
+    recv_counts = funcol.all_to_all_single(plan.counts, None, None, group)
+    recv_counts = funcol.wait_tensor(recv_counts).view(world, num_local)
+    host_splits = torch.stack([plan.counts.view(world, num_local).sum(1), recv_counts.sum(1)]).cpu()
+    send_splits, recv_splits = host_splits.unbind()
+    row_expert = _received_row_experts_op(recv_counts, host_splits)
+    received, name = row_expert.shape[0], group.group_name
+    recv_rows = _all_to_all_op(rows, send_splits, recv_splits, received, name)
+    recv_weight = _all_to_all_op(plan.row_weight, send_splits, recv_splits, received, name)
+    out = _experts_on_received(recv_rows, recv_weight, recv_counts, row_expert, experts)
+    out_rows = _all_to_all_op(out, recv_splits, send_splits, rows.shape[0], name)
+    return unpermute(out_rows, plan.row_token, plan.token_pos)

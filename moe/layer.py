@@ -56,6 +56,12 @@ class MoE(nn.Module):
     ep_group: expert-parallel process group (created by the caller); every rank of it holds
     num_experts / group size experts and its own tokens, rows travel by all-to-all. The router,
     zero-computation and shared experts are replicated.
+
+    `torch.compile(layer, fullgraph=True)` compiles every router, local or expert-parallel,
+    forward and backward: the Triton kernels and the steps whose sizes depend on the routing are
+    custom ops (tests/test_moe_compile.py), so new routing at every step reuses one graph. Only
+    another input shape, `doc_ids` given or not, or a changed loss coefficient (once: it then
+    becomes a graph input) compile again.
     """
 
     def __init__(self, d_model: int, config: MoEConfig, ep_group=None):
