@@ -68,6 +68,7 @@ class TrainerConfig:
     seed: int
     inject_failure_at_step: int | None
     peak_tflops: float | None
+    compile: bool
     chunk_sparsity_schedule: ChunkSparsityScheduleConfig
 
 

@@ -82,6 +82,8 @@ def train(args: WorkerArgs) -> None:
     if expert_groups is not None:
         model.add_module("expert_groups", expert_groups)
         mark_expert_parameters(model, expert_groups.expert_group_name)
+    if trainer.compile:
+        model.compile()  # in place: parameter names (checkpoints) stay the same
     ds = job.deepspeed
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -92,7 +94,7 @@ def train(args: WorkerArgs) -> None:
     accumulation = ds.gradient_accumulation_steps
     run_dir = Path(args.run_dir)
     state = restore_checkpoint(engine, model, ep_group, accumulation, run_dir)
-    step = state.get("step", 0)
+    step = first_step = state.get("step", 0)
     schedule = chunk_sparsity_schedule(job, model, state.get("chunk_sparsity_schedule"))
 
     train_batches = TokenBatches(corpus.train, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed)
@@ -118,9 +120,10 @@ def train(args: WorkerArgs) -> None:
     # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
     # ZeRO clips without keeping it, so the loop measures it there.
     reports_grad_norm = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
-    interval, metrics = MetricSums(), {}
+    interval, metrics, evaluated = MetricSums(), {}, False
     while step < trainer.max_steps:
         step += 1
+        step_start = time.perf_counter()
         if step == trainer.inject_failure_at_step and rank == 0:
             inject_failure_once(run_dir, step)
         chunk_loss = torch.zeros((), device=device)
@@ -138,6 +141,13 @@ def train(args: WorkerArgs) -> None:
             dist.all_reduce(chunk_loss)
             set_chunk_sparsity_coef(model, schedule.update(chunk_loss.item() / world_size))
 
+        if trainer.compile and step == first_step + 1 and progress:  # this step compiled the model
+            compile_s = time.perf_counter() - step_start
+            progress.discount(compile_s)
+            log.info(f"[sparta] step {step} compiled the model in {compile_s:.1f}s (left out of tokens/s and MFU)")
+            if tracker:
+                tracker.log_metrics({"train/compile_s": compile_s}, step)
+
         metrics = {}
         if step % trainer.log_every == 0 or step == trainer.max_steps:
             metrics = interval.mean()
@@ -149,7 +159,12 @@ def train(args: WorkerArgs) -> None:
             metrics["train/lr"] = engine.get_lr()[0]
             metrics["train/grad_norm"] = float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
+            eval_start = time.perf_counter()
             metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device)
+            if trainer.compile and not evaluated and progress:  # the first one compiled the eval graph
+                metrics["val/compile_s"] = time.perf_counter() - eval_start
+                progress.discount(metrics["val/compile_s"])
+            evaluated = True
         if progress and metrics:
             tokens_per_s = progress.tokens_per_s(step, tokens_per_step)
             metrics["train/tokens_per_s"] = tokens_per_s
@@ -368,6 +383,11 @@ class Progress:
         self.last_step = first_step
         if first_step:
             log.info(f"[sparta] resumed from the checkpoint at step {first_step}")
+
+    def discount(self, seconds: float) -> None:
+        """Leave `seconds` (a step that compiled the model) out of the rate and the ETA."""
+        self.start += seconds
+        self.last += seconds
 
     def tokens_per_s(self, step: int, tokens_per_step: int) -> float:
         now = time.perf_counter()

@@ -57,6 +57,24 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
     assert stages == {"1", "2"}
 
 
+def test_compiled_model_trains_like_eager_with_compile_time_logged_apart(swept_store, tmp_path):
+    """trainer.compile=true: the same losses as the sweep's eager ZeRO-2 run, the first step's and the
+    first evaluation's compile times logged on their own, not in tokens/s."""
+    train(tmp_path, "run_name=compiled", "trainer.compile=true")
+    client, runs = mlflow_runs(tmp_path)
+    compiled = runs["compiled"].info.run_id
+    eager_client, eager_runs = mlflow_runs(swept_store)
+    (eager,) = [r.info.run_id for r in eager_runs.values() if r.data.params["deepspeed.zero_stage"] == "2"]
+    for key in ("train/loss", "val/loss"):
+        got, expected = history(client, compiled, key), history(eager_client, eager, key)
+        assert sorted(got) == sorted(expected)
+        for step in expected:
+            assert got[step][0] == pytest.approx(expected[step][0], rel=1e-4), (key, step)
+    assert set(history(client, compiled, "train/compile_s")) == {1} and set(history(client, compiled, "val/compile_s")) == {10}
+    speed = [values[0] for values in history(client, compiled, "train/tokens_per_s").values()]
+    assert min(speed) > 0.3 * statistics.median(speed), speed
+
+
 def test_worker_failure_resumes_from_the_newest_checkpoint_with_one_point_per_step(tmp_path):
     """The failure comes right after the step-20 checkpoint: the restart resumes from step 20, the steps
     logged before the failure are not in the history twice, and only `keep_checkpoints` are on disk."""
