@@ -2,7 +2,7 @@
 no Ray, no DeepSpeed, no optimizer), its tokens/s and MFU, and the CUDA kernels and CPU ops that take
 the time. The gap between this and `launch/train.py`'s tokens/s is the trainer's share.
 
-    python benchmarks/profile_lm.py experiment=lm_topk moe.top_k=5 [--steps 20] [--out DIR]
+    python benchmarks/profile_lm.py experiment=lm_topk moe.top_k=5 [--steps 20] [--compile] [--out DIR]
 
 Tokens are random ids (the vocabulary size is `data.vocab_size`, no corpus is read); the end-of-text
 id 0 appears in them, so the MoE layers see packed documents as in training. Prints the measured
@@ -42,9 +42,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch/train.py")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the warm-up)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the tables and the trace")
     args = parser.parse_args()
     model, job = build(args.overrides)
+    if args.compile:
+        model.compile()
     batch, seq = job.deepspeed.micro_batch_size, job.data.seq_len
     inputs = torch.randint(0, job.data.vocab_size, (batch, seq + 1), device="cuda")
     inputs, targets = inputs[:, :-1], inputs[:, 1:]
@@ -60,7 +63,7 @@ def main():
     experts = {layer: float(metrics[f"moe/layer_{layer:02d}/ffn_experts_per_token"]) for layer in model.moe_layers}
     flops = model.flops_per_token(seq, experts) * batch * seq
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-    name = " ".join(args.overrides) or "default"
+    name = " ".join(args.overrides) + (" (compiled)" if args.compile else "")
     print(f"{name}: {seconds * 1e3:.1f} ms/step, {batch * seq / seconds:,.0f} tokens/s, "
           f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))
 
@@ -79,7 +82,7 @@ def main():
     print(by_gpu)
     print(by_cpu)
     if args.out:
-        slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) or "default"
+        slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"profile-{slug}.txt").write_text(by_gpu + "\n" + by_cpu)
         prof.export_chrome_trace(str(args.out / f"trace-{slug}.json"))
