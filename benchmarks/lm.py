@@ -6,9 +6,11 @@
   same tokens. The BlockFFN LM runs first; the top-k and MoE++ LMs then get k = round(E * (1 - TLS)),
   its measured activation rate, so the three use about as many experts per token.
 
-    python benchmarks/lm.py --root /tmp/lm [--only dense blockffn topk moepp] [--steps N] [--dense-steps N]
+    python benchmarks/lm.py --root /tmp/lm [--only dense blockffn topk moepp] [--steps N] [--dense-steps N] [--compile]
 
-The dense LM runs first (a short run is enough for its speed), then BlockFFN, top-k, MoE++.
+The dense LM runs first (a short run is enough for its speed), then BlockFFN, top-k, MoE++. With
+--compile each run is followed by the same run with trainer.compile=true, whose train record carries
+its speedup over the eager one.
 
 Each run is a real `launch/train.py` job (its MLflow store and checkpoints under --root); records are
 appended to benchmarks/results/{train,quality}-<device>.jsonl (or --results DIR) as each run ends.
@@ -52,7 +54,8 @@ def speed_record(name: str, run: dict) -> dict:
     p = run["params"]
     tokens_per_s = steady(run["history"]["train/tokens_per_s"])
     record = {"case": f"lm-{name}-d{p['model.d_model']}-L{p['model.n_layers']}-seq{p['data.seq_len']}",
-              "impl": f"sparta (launch/train.py, Ray Train + DeepSpeed ZeRO-{p['deepspeed.zero_stage']}, bf16)",
+              "impl": f"sparta (launch/train.py, Ray Train + DeepSpeed ZeRO-{p['deepspeed.zero_stage']}, bf16"
+                      f"{', compiled' if p['trainer.compile'] == 'True' else ''})",
               "pass": "train", "tokens_per_s": round(tokens_per_s), "micro_batch": int(p["deepspeed.micro_batch_size"]),
               "steps": int(p["trainer.max_steps"]), "mlflow_run": run["run_id"]}
     if run["history"]["train/mfu"]:
@@ -78,6 +81,7 @@ def main():
     parser.add_argument("--only", nargs="+", choices=(*MOE_RUNS, "dense"), default=(*MOE_RUNS, "dense"))
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of each MoE LM (default: the experiment's)")
     parser.add_argument("--dense-steps", type=int, default=None, help="optimizer steps of the dense LM")
+    parser.add_argument("--compile", action="store_true", help="also run each LM with trainer.compile=true")
     parser.add_argument("--results", type=Path, default=harness.RESULTS, help="directory of the results files")
     args = parser.parse_args()
     root = args.root.resolve()
@@ -89,6 +93,13 @@ def main():
         harness.append(path, {**meta, "bench": bench, **values})
         print(bench, values, flush=True)
 
+    def record_compiled(name: str, eager: dict, *overrides: str) -> None:
+        compiled = harness.keep_going(train, root, f"{name}-compiled", *overrides, "trainer.compile=true")
+        if compiled:
+            speedup = steady(compiled["history"]["train/tokens_per_s"]) / steady(eager["history"]["train/tokens_per_s"])
+            record("train", {**speed_record(name, compiled), "speedup_vs_eager": round(speedup, 3),
+                             "compile_s": round(compiled["metrics"]["train/compile_s"], 1)})
+
     if "dense" in args.only:
         dense_steps = [f"trainer.max_steps={args.dense_steps}", f"trainer.checkpoint_every={args.dense_steps}",
                        f"trainer.eval_every={args.dense_steps}", "trainer.log_every=10",
@@ -96,6 +107,8 @@ def main():
         run = harness.keep_going(train, root, "dense", "experiment=lm_dense", *dense_steps)
         if run:
             record("train", speed_record("dense", run))
+            if args.compile:
+                record_compiled("dense", run, "experiment=lm_dense", *dense_steps)
 
     runs, top_k = {}, []
     for name in (n for n in MOE_RUNS if n in args.only):
@@ -109,6 +122,8 @@ def main():
             experts = int(run["params"]["moe.num_experts"])
             top_k = [f"moe.top_k={max(1, round(experts * (1 - run['metrics']['moe/tls'])))}"]
         record("train", speed_record(name, run))
+        if args.compile:
+            record_compiled(name, run, f"experiment=lm_{name}", *steps, *top_k)
         p = run["params"]
         tokens = int(p["trainer.max_steps"]) * int(p["deepspeed.micro_batch_size"]) * int(p["data.seq_len"])
         quality = quality_record(name, run, tokens)
