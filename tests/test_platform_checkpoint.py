@@ -101,3 +101,23 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing state.json"):
         (tmp_path / checkpoint.STATE_FILE).unlink()
         checkpoint.load(engine, model, None, tmp_path)
+
+
+def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_only_keep_stay(tmp_path):
+    """The writer's folders: a crash mid-write leaves a `.partial-<pid>` folder, which `latest` never
+    returns and the next write deletes; at most `keep` complete checkpoints stay."""
+    engine, model = engine_for(2)
+    writer = checkpoint.CheckpointWriter(tmp_path, keep=2)
+    for step in (10, 20):
+        writer.submit(checkpoint.gather(engine, model, None, {"step": step}), step)
+    writer.wait()
+    cut_off = tmp_path / "checkpoint_00000030.partial-4242"  # a writer killed after its first file
+    cut_off.mkdir()
+    (cut_off / checkpoint.MODEL_FILE).write_bytes(b"\0" * 64)
+    assert checkpoint.latest(tmp_path).name == "checkpoint_00000020"
+
+    writer.submit(checkpoint.gather(engine, model, None, {"step": 40}), 40)
+    writer.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_00000020", "checkpoint_00000040"]
+    resumed, resumed_model = engine_for(2, seed=1)
+    assert checkpoint.load(resumed, resumed_model, None, checkpoint.latest(tmp_path))["step"] == 40

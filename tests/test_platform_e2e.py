@@ -91,6 +91,38 @@ def test_worker_failure_resumes_from_the_newest_checkpoint_with_one_point_per_st
     assert [p.name for p in checkpoints(tmp_path, "drill")] == ["checkpoint_00000020", "checkpoint_00000030"]
 
 
+def test_a_worker_process_killed_mid_run_resumes_and_ends_like_the_uninterrupted_run(swept_store, tmp_path):
+    """SIGKILL to a Ray Train worker process (no Python exception, no goodbye) after the step-10
+    checkpoint: the worker group restarts from the newest checkpoint and ends with the losses of the
+    sweep's uninterrupted ZeRO-2 run."""
+    command = [sys.executable, str(REPO / "launch" / "train.py"), "experiment=smoke", f"cluster.root={tmp_path}",
+               "run_name=sigkill", "trainer.log_every=1"]
+    console = tmp_path / "ray" / "sigkill" / "console.log"
+    with open(tmp_path / "driver.out", "w") as out:
+        driver = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not (console.exists() and "step 11/30" in console.read_text()):
+            assert driver.poll() is None and time.time() < deadline, (tmp_path / "driver.out").read_text()[-3000:]
+            time.sleep(0.05)
+        workers = [p for p in psutil.Process(driver.pid).children(recursive=True) if "RayTrainWorker" in p.name()
+                   or "RayTrainWorker" in " ".join(p.cmdline())]
+        assert workers
+        workers[-1].kill()
+        assert driver.wait(timeout=600) == 0, (tmp_path / "driver.out").read_text()[-3000:]
+    finally:
+        driver.kill()
+    assert "resumed from the checkpoint at step" in console.read_text()
+    client, runs = mlflow_runs(tmp_path)
+    eager_client, eager_runs = mlflow_runs(swept_store)
+    (uninterrupted,) = [r for r in eager_runs.values() if r.data.params["deepspeed.zero_stage"] == "2"]
+    val = history(client, runs["sigkill"].info.run_id, "val/loss")  # train/loss: means over other intervals
+    expected = history(eager_client, uninterrupted.info.run_id, "val/loss")
+    assert sorted(val) == [10, 20, 30] and all(len(values) == 1 for values in val.values())
+    for step in val:
+        assert val[step][0] == pytest.approx(expected[step][0], rel=1e-6), step
+
+
 def test_relaunch_resumes_the_run_and_its_mlflow_record_zero3(tmp_path):
     args = ("run_name=again", "deepspeed=zero3", "trainer.log_every=1", "trainer.inject_failure_at_step=23",
             "trainer.max_failures=0", "trainer.keep_checkpoints=1")
