@@ -339,6 +339,18 @@ def open_corpus(directory: Path) -> Corpus:
     return Corpus(arrays["train"], arrays["val"], meta["vocab_size"], meta["eot_id"], params, directory)
 
 
+def count_windows(n_tokens: int, seq_len: int, micro_batch_size: int, world_size: int, split: str = "the") -> int:
+    """Windows of `seq_len + 1` tokens in a split; an error naming the keys if one global micro-batch
+    does not fit (the driver checks both splits before any worker starts)."""
+    n_windows = (n_tokens - 1) // seq_len
+    if n_windows < micro_batch_size * world_size:
+        raise ValueError(
+            f"data.seq_len={seq_len}: {split} split has {n_tokens} tokens, too few for one global micro-batch of "
+            f"{micro_batch_size} x {world_size} windows (deepspeed.micro_batch_size x workers); expected a shorter "
+            "data.seq_len, a smaller deepspeed.micro_batch_size, or a larger corpus or data.val_fraction")
+    return n_windows
+
+
 class TokenBatches:
     """Fixed windows of `seq_len + 1` tokens, reshuffled every epoch, sharded by rank.
 
@@ -350,12 +362,7 @@ class TokenBatches:
 
     def __init__(self, tokens: torch.Tensor | np.ndarray, seq_len: int, micro_batch_size: int,
                  rank: int, world_size: int, seed: int, shuffle: bool = True):
-        n_windows = (len(tokens) - 1) // seq_len
-        if n_windows < micro_batch_size * world_size:
-            raise ValueError(
-                f"data.seq_len={seq_len}: the split has {len(tokens)} tokens, too few for one global "
-                f"micro-batch of {micro_batch_size} x {world_size} windows"
-            )
+        n_windows = count_windows(len(tokens), seq_len, micro_batch_size, world_size)
         self.tokens, self.seq_len, self.n_windows = tokens, seq_len, n_windows
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle

@@ -14,7 +14,7 @@ from pathlib import Path
 from sparta.platform import checkpoint, reaper
 from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
 from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
-from sparta.platform.data import open_corpus, prepare_corpus
+from sparta.platform.data import count_windows, open_corpus, prepare_corpus
 from sparta.platform.runs import CHECKPOINT_DIR_TAG
 from sparta.platform.tracking import Tracker, default_tracking_uri
 from sparta.platform.worker import WorkerArgs, read_outcome, train_worker
@@ -102,10 +102,16 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     data = job.data
     corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
     plan = connect_ray(job)
+    corpus = open_corpus(corpus_dir)
+    try:
+        for split, tokens in (("the train", corpus.train), ("the validation", corpus.val)):
+            count_windows(len(tokens), data.seq_len, job.deepspeed.micro_batch_size, plan.num_workers, split)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     tracker = Tracker(default_tracking_uri(job.tracking.uri, root), retry_s=job.tracking.retry_s)
     resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
     if not resumed:
-        tracker.log_params({**params, **open_corpus(corpus_dir).params})
+        tracker.log_params({**params, **corpus.params})
         tracker.log_text(resolved_yaml, "config.yaml")
         tracker.set_tags({CHECKPOINT_DIR_TAG: str(run_dir)})
     print(f"[sparta] run {run_name}: {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} workers, "

@@ -200,3 +200,12 @@ def test_bad_config_fails_before_ray_starts(override, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr + proc.stdout
     assert "Ray instance" not in proc.stderr + proc.stdout
+
+
+def test_a_split_too_small_for_one_global_micro_batch_is_refused_before_any_worker(tmp_path):
+    """The smoke corpus's validation split (~11k tokens) cannot fill 2 workers x 4 windows of 4096 tokens:
+    a config error naming data.seq_len and what would fit, not a worker failing (and retrying) on it."""
+    proc = launch("experiment=smoke", "data.seq_len=4096", "model.max_seq_len=4096", f"cluster.root={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "config error: data.seq_len=4096: the validation split has" in proc.stderr
+    assert "deepspeed.micro_batch_size" in proc.stderr and "[sparta] step" not in proc.stdout

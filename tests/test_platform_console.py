@@ -1,0 +1,31 @@
+"""The console: the driver prints the lines the workers append to the run's console file, and the
+progress line's ETA."""
+
+import time
+
+from sparta.platform import worker
+from sparta.platform.console import CONSOLE_FILE, ConsoleTail
+
+
+def test_tail_prints_only_new_complete_lines(tmp_path, capsys):
+    (tmp_path / CONSOLE_FILE).write_text("[sparta] a line of an earlier launch\n")
+    with ConsoleTail(tmp_path, poll_s=0.01):
+        with open(tmp_path / CONSOLE_FILE, "a") as f:
+            f.write("[sparta] step 1/2\n[sparta] step 2")  # the second line is still being written
+            f.flush()
+            time.sleep(0.1)
+            assert capsys.readouterr().out == "[sparta] step 1/2\n"
+            f.write("/2\n")
+    assert capsys.readouterr().out == "[sparta] step 2/2\n"
+
+
+def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
+    """5 of 30 steps in 0.5 s: 2.5 s to go, shown as such (it used to read "2s", then "0s")."""
+    clock = iter([100.0, 100.5])
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
+    lines = []
+    monkeypatch.setattr(worker.log, "info", lines.append)
+    progress = worker.Progress(max_steps=30, first_step=0)
+    metrics = {"train/tokens_per_s": progress.tokens_per_s(5, tokens_per_step=512)}
+    progress.show(5, metrics)
+    assert lines[-1].endswith("5.1k tok/s | eta 2.5s")
