@@ -269,17 +269,23 @@ def _blocks(chunk_size: int, num_chunks: int, num_experts: int, elements: int,
     return chunks, block_j, block_e, chunks * triton.next_power_of_2(chunk_size)
 
 
+def _loss_scales(documents: bool, batch, seq, num_experts, num_chunks, locality_coef, chunk_coef):
+    """The factors the kernels multiply their loss sums by: the weights over the number of terms, or
+    with documents the weights alone (the kernels divide by the counts of pairs and chunks)."""
+    if documents:
+        return locality_coef, chunk_coef
+    locality_scale = locality_coef / (batch * (seq - 1) * num_experts) if seq > 1 else 0.0
+    return locality_scale, chunk_coef / (batch * num_chunks * num_experts)
+
+
 def _epilogue_forward(raw, g, doc_pos, batch, seq, eps, sharpness, chunk_size, locality_coef, chunk_coef):
     """Launch the forward kernels: (weights, probs, slot_expert, active_t [E, T] bool, losses, chunk_unused);
     losses = [locality, chunk] (+ [pairs, chunks] with documents), chunk_unused is kept for the backward."""
     num_tokens, num_experts = raw.shape
     documents = doc_pos is not None
     num_chunks = -(-seq // chunk_size)
-    if documents:  # the kernels divide by the counts of pairs and chunks
-        locality_scale, chunk_scale = locality_coef, chunk_coef
-    else:
-        locality_scale = locality_coef / (batch * (seq - 1) * num_experts) if seq > 1 else 0.0
-        chunk_scale = chunk_coef / (batch * num_chunks * num_experts)
+    locality_scale, chunk_scale = _loss_scales(documents, batch, seq, num_experts, num_chunks, locality_coef,
+                                               chunk_coef)
     chunks, block_j, block_e, block_r = _blocks(chunk_size, num_chunks, num_experts, 4096, documents)
     grid = (batch, triton.cdiv(seq, block_r) if documents else triton.cdiv(num_chunks, chunks))
     weights, probs = torch.empty_like(raw), torch.empty_like(raw)
@@ -310,11 +316,8 @@ def _epilogue_backward(raw, g, doc_pos, chunk_unused, losses, d_weights, d_probs
     documents = doc_pos is not None
     num_experts = raw.shape[1]
     num_chunks = -(-seq // chunk_size)
-    if documents:
-        locality_scale, chunk_scale = locality_coef, chunk_coef
-    else:
-        locality_scale = locality_coef / (batch * (seq - 1) * num_experts) if seq > 1 else 0.0
-        chunk_scale = chunk_coef / (batch * num_chunks * num_experts)
+    locality_scale, chunk_scale = _loss_scales(documents, batch, seq, num_experts, num_chunks, locality_coef,
+                                               chunk_coef)
     chunks, block_j, block_e, block_r = _blocks(chunk_size, num_chunks, num_experts, 2048, documents)
     grid = (batch, triton.cdiv(seq, block_r) if documents else triton.cdiv(num_chunks, chunks))
     d_raw = torch.empty_like(raw)

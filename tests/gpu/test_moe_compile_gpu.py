@@ -20,16 +20,10 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 import triton.testing  # noqa: E402
+from moe_cases import CONFIGS  # noqa: E402
 
 from sparta.moe import MoE, MoEConfig  # noqa: E402
 
-CONFIGS = {
-    "topk": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, num_shared_experts=1),
-    "topk-capacity": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, capacity_factor=1.0),
-    "blockffn": MoEConfig(router="blockffn", num_experts=16, d_ff=64),
-    "moepp": MoEConfig(router="moepp", num_experts=8, top_k=2, d_ff=128, activation="gelu"),
-    "moepp-capacity": MoEConfig(router="moepp", num_experts=8, top_k=2, d_ff=128, capacity_factor=1.0),
-}
 D_MODEL, BATCH, SEQ, STEPS = 256, 2, 128, 30
 
 

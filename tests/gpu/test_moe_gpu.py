@@ -11,22 +11,16 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from moe_cases import CONFIGS  # noqa: E402
+
 from sparta.kernels.blockffn_router import blockffn_router_epilogue  # noqa: E402
 from sparta.kernels.grouped_gemm import grouped_mm, torch_grouped_mm_supports  # noqa: E402
 from sparta.kernels.moe_permute import permute, unpermute, weighted_activation  # noqa: E402
 from sparta.kernels.moe_reference import grouped_mm_reference  # noqa: E402
-from sparta.moe import MoE, MoEConfig  # noqa: E402
+from sparta.moe import MoE  # noqa: E402
 from sparta.moe.losses import document_positions  # noqa: E402
 from sparta.moe.metrics import routing_stats  # noqa: E402
 from sparta.moe.routers import blockffn_router_epilogue_torch  # noqa: E402
-
-CONFIGS = {
-    "topk": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, num_shared_experts=1),
-    "topk-capacity": MoEConfig(router="topk", num_experts=8, top_k=2, d_ff=128, capacity_factor=1.0),
-    "blockffn": MoEConfig(router="blockffn", num_experts=16, d_ff=64),
-    "moepp": MoEConfig(router="moepp", num_experts=8, top_k=2, d_ff=128, activation="gelu"),
-    "moepp-capacity": MoEConfig(router="moepp", num_experts=8, top_k=2, d_ff=128, capacity_factor=1.0),
-}
 
 
 def relative_error(actual, expected):
