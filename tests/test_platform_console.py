@@ -29,3 +29,20 @@ def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
     metrics = {"train/tokens_per_s": progress.tokens_per_s(5, tokens_per_step=512)}
     progress.show(5, metrics)
     assert lines[-1].endswith("5.1k tok/s | eta 2.5s")
+
+
+def test_summary_names_the_mlflow_run_and_what_did_not_reach_it(capsys):
+    """A store lost mid-run: the run id is still printed (params and early steps are there), with what
+    was not recorded and that the run could not be closed; nothing of it when all went through."""
+    from pathlib import Path
+
+    from sparta.platform.job import JobResult, print_summary, tracking_gaps
+
+    result = JobResult("r", 30, 6.5, Path("/runs/ray/r/checkpoint_00000030"), "http://mlflow:5000", "abc123")
+    print_summary(result, "sparta", tracking_gaps({"mlflow/unsent_batches": 3, "mlflow/recorded_through": 20}, False))
+    out = capsys.readouterr().out
+    assert "MLflow run abc123 in experiment 'sparta' at http://mlflow:5000" in out
+    assert "3 metric batches were not recorded" in out and "recorded through step 20" in out
+    assert "could not be marked finished" in out and "tracking was off" not in out
+    print_summary(result, "sparta", tracking_gaps({"mlflow/unsent_batches": 0}, True))
+    assert "MLflow:" not in capsys.readouterr().out
