@@ -11,10 +11,9 @@ import shutil
 from pathlib import Path
 
 from sparta.platform.checkpoint import MODEL_FILE
+from sparta.platform.data import TOKENIZER_FILE
 from sparta.platform.runs import EXPORT_CONFIG, cli, read_config, resolve_cli
 from sparta.platform.tracking import Tracker
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def export(model_dir: Path, out: Path) -> Path:

@@ -30,13 +30,11 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from sparta.platform.data import load_tokenizer, open_corpus
+from sparta.platform.data import TOKENIZER_FILE, load_tokenizer, open_corpus
 from sparta.platform.dlm import SamplerConfig, check_sampler, generate, sparsed_schedule, use_attention
 from sparta.platform.models import config_from_dict
 from sparta.platform.runs import cli, load_model, read_config, resolve_cli
 from sparta.platform.tracking import Tracker
-
-TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclass

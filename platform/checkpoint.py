@@ -78,11 +78,16 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / f"checkpoint_{step:08d}"
 
 
-def latest(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory. A checkpoint gets its final name only once
+def complete(run_dir: Path) -> list[Path]:
+    """A run directory's complete checkpoints, oldest first. A checkpoint gets its final name only once
     all its files are written (`CheckpointWriter`), so every `checkpoint_<step>` folder is complete."""
-    found = [p for p in Path(run_dir).glob("checkpoint_*") if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir()]
-    return max(found, key=lambda p: p.name) if found else None
+    return sorted(p for p in Path(run_dir).glob("checkpoint_*") if _CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir())
+
+
+def latest(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, the one a restart resumes from."""
+    found = complete(run_dir)
+    return found[-1] if found else None
 
 
 class CheckpointWriter:
@@ -122,9 +127,8 @@ class CheckpointWriter:
         self._prune(newest=final)
 
     def _prune(self, newest: Path) -> None:
-        complete = sorted(p for p in self.run_dir.glob("checkpoint_*") if _CHECKPOINT_NAME.fullmatch(p.name))
-        stale = [p for p in self.run_dir.glob("checkpoint_*.partial-*")]
-        for path in [*complete[:-self.keep], *stale]:
+        stale = self.run_dir.glob("checkpoint_*.partial-*")
+        for path in [*complete(self.run_dir)[:-self.keep], *stale]:
             if path != newest:
                 shutil.rmtree(path, ignore_errors=True)
 

@@ -28,7 +28,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 CORPUS_PATH = HERE / "python_docs.jsonl.gz"
-TOKENIZER_PATH = HERE / "tokenizer.json"
+TOKENIZER_FILE = "tokenizer.json"  # in a prepared corpus directory (and an export) as beside this file
+TOKENIZER_PATH = HERE / TOKENIZER_FILE
 END_OF_TEXT = "<|endoftext|>"
 VOCAB_SIZE = 2048  # the shipped tokenizer's
 CORPORA = ("python_docs", "python_source")
@@ -227,13 +228,13 @@ def _build(source: Source, vocab_size: int, val_fraction: float, token_dtype: st
     from tqdm import tqdm
 
     if shipped_tokenizer:
-        shutil.copyfile(TOKENIZER_PATH, out / "tokenizer.json")
+        shutil.copyfile(TOKENIZER_PATH, out / TOKENIZER_FILE)
     else:
         if progress:
             print(f"data.corpus={source.corpus!r}: training a {vocab_size}-token BPE tokenizer", file=sys.stderr)
         texts = (text for _, text, _ in source.documents() if text is not None)
-        train_tokenizer(texts, vocab_size, show_progress=progress).save(str(out / "tokenizer.json"))
-    tokenizer = load_tokenizer(out / "tokenizer.json")
+        train_tokenizer(texts, vocab_size, show_progress=progress).save(str(out / TOKENIZER_FILE))
+    tokenizer = load_tokenizer(out / TOKENIZER_FILE)
     tokenizer.encode_special_tokens = True  # a literal "<|endoftext|>" in a document is text, not a boundary
     eot = tokenizer.token_to_id(END_OF_TEXT)
     dtype = np.dtype(token_dtype)

@@ -28,7 +28,7 @@ from torch import nn
 from sparta.attention import SparseAttention, SparseDSchedule
 from sparta.kernels.block_layout import SUPPORTED_BLOCK_SIZES
 from sparta.kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS
-from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, with_aux_losses
+from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, run_blocks, with_aux_losses
 
 MASK_EPS = 1e-3  # t is drawn in [MASK_EPS, 1], as LLaDA does, so that 1/t stays bounded
 EVAL_NOISE_SEED = 20250214
@@ -96,17 +96,10 @@ class DiffusionLM(nn.Module):
 
     def hidden(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None):
         """The final normed hidden states `[batch, seq, d_model]` and the MoE layers' aux outputs."""
-        seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"tokens: sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        self.cfg.check_seq_len(tokens)
         if doc_ids is None and self.moe_layers and self.cfg.eot_id is not None:
             doc_ids = document_ids(tokens, self.cfg.eot_id)
-        x = self.embed(tokens)
-        auxes, router_logits = {}, None
-        for layer, block in enumerate(self.blocks):
-            x, aux = block(x, doc_ids, router_logits)
-            if aux is not None:
-                auxes[layer], router_logits = aux, aux.router_logits
+        x, auxes = run_blocks(self.blocks, self.embed(tokens), doc_ids)
         return self.norm(x), auxes
 
     def logits(self, tokens: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:

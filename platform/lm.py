@@ -42,6 +42,13 @@ class LMConfig:
     moe: MoEConfig | None = None   # the MoE layers' config (ffn="moe")
     eot_id: int | None = None      # end-of-text token: packed documents end there (MoE losses/CLS per document)
 
+    def check_seq_len(self, tokens: torch.Tensor) -> int:
+        """`tokens`' sequence length, refused beyond `max_seq_len` (the rotary tables' and the training windows')."""
+        seq = tokens.shape[1]
+        if seq > self.max_seq_len:
+            raise ValueError(f"tokens: sequence length {seq} exceeds model.max_seq_len={self.max_seq_len}")
+        return seq
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.ffn == "moe" and layer >= self.first_dense_layers and (layer - self.first_dense_layers) % self.moe_every == 0
 
@@ -158,17 +165,10 @@ class TransformerLM(nn.Module):
         """tokens `[batch, seq]` -> logits `[batch, seq, vocab]`; with next-token `targets`, instead
         `(loss, metrics)`: the loss to minimise and detached metrics (`loss` the cross-entropy,
         `aux_loss`, and per MoE layer `moe/layer_03/<stat>`, `.../expert_load` a vector)."""
-        seq = tokens.shape[1]
-        if seq > self.cfg.max_seq_len:
-            raise ValueError(f"tokens: sequence length {seq} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        seq = self.cfg.check_seq_len(tokens)
         cos, sin = rotary_tables(seq, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
         doc_ids = document_ids(tokens, self.cfg.eot_id) if self.moe_layers and self.cfg.eot_id is not None else None
-        x = self.embed(tokens)
-        auxes, router_logits = {}, None
-        for layer, block in enumerate(self.blocks):
-            x, aux = block(x, doc_ids, router_logits, cos, sin)
-            if aux is not None:
-                auxes[layer], router_logits = aux, aux.router_logits
+        x, auxes = run_blocks(self.blocks, self.embed(tokens), doc_ids, cos, sin)
         logits = self.head(self.norm(x))
         if targets is None:
             return logits
@@ -194,6 +194,18 @@ class TransformerLM(nn.Module):
                     active += param.numel()
         active += self.head.weight.numel()
         return 6.0 * active + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, doc_ids: torch.Tensor | None,
+               *attention_args) -> tuple[torch.Tensor, dict[int, MoEAux]]:
+    """The residual stream through `blocks` (each block's attention gets `attention_args`), MoE++'s
+    router logits passed from each MoE layer to the next; returns the output and each MoE layer's aux."""
+    auxes, router_logits = {}, None
+    for layer, block in enumerate(blocks):
+        x, aux = block(x, doc_ids, router_logits, *attention_args)
+        if aux is not None:
+            auxes[layer], router_logits = aux, aux.router_logits
+    return x, auxes
 
 
 def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:

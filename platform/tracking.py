@@ -41,6 +41,7 @@ class Tracker:
         self.uri, self.run_id, self.retry_s = uri, run_id, retry_s
         self.switched_off = False
         self.down_since: float | None = None  # when the store last stopped answering
+        self._next_try = 0.0  # while down: no call before this time (time.monotonic)
         self.recorded_through = 0  # the last step whose metrics reached the store
         self.lost_batches = 0  # metric batches dropped beyond MAX_KEPT_BATCHES
         self._kept = collections.deque()  # (step, metrics) not yet in the store
