@@ -15,6 +15,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moe_cases import join_process_group
 from torch._dynamo.utils import counters
 
 from sparta.kernels.blockffn_router import blockffn_router_epilogue
@@ -166,11 +167,7 @@ def test_kernel_custom_ops_match_eager_under_compile():
 
 
 def _expert_parallel_worker(rank, init_file, world, backend, compiler):
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = join_process_group(rank, init_file, world, backend)
     try:
         for name in ("topk", "blockffn"):
             layers = []

@@ -8,6 +8,7 @@ document per sequence the document path sums in another order, 1e-6 relative.
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_cases import top1_by_basis_direction
 
 from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig
 from sparta.moe.losses import activation_locality_loss, chunk_sparsity_loss, document_positions
@@ -127,10 +128,7 @@ def test_blockffn_layer_with_documents():
 def test_topk_cls_with_documents():
     """Top-1 over basis tokens: every token's expert is known, so CLS is the loop's over that mask."""
     experts = 4
-    cfg = MoEConfig(router="topk", num_experts=experts, top_k=1, d_ff=8)
-    layer = MoE(experts, cfg)
-    with torch.no_grad():
-        layer.router.weight.copy_(10 * torch.eye(experts))
+    layer = top1_by_basis_direction(experts)
     expert_of_token = (torch.arange(150) // 3) % experts
     x = F.one_hot(expert_of_token, experts).float()[None].expand(2, -1, -1)
     _, aux = layer(x, doc_ids=DOC_IDS)

@@ -10,6 +10,7 @@ replicated parameters' gradients summed over the ranks. Tolerance 1e-5 (fp32).
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from moe_cases import join_process_group
 
 from sparta.moe import MoE, MoEConfig
 
@@ -63,11 +64,7 @@ def _check_router(rank, router, device):
 
 
 def _worker(rank, init_file, backend):
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    device = join_process_group(rank, init_file, WORLD, backend)
     try:
         for router in CONFIGS:
             _check_router(rank, router, device)

@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_cases import top1_by_basis_direction
 
 from sparta.kernels.moe_reference import activation_reference, moe_ffn_token_loop
 from sparta.moe import CLS_CHUNK_SIZES, MoE, MoEConfig, load_summary
@@ -204,10 +205,7 @@ def test_chunk_level_sparsity_matches_chunk_by_chunk_count():
 
 def test_layer_reports_cls_of_its_routing():
     experts = 8
-    cfg = MoEConfig(router="topk", num_experts=experts, top_k=1, d_ff=8)
-    layer = MoE(experts, cfg)
-    with torch.no_grad():
-        layer.router.weight.copy_(10 * torch.eye(experts))
+    layer = top1_by_basis_direction(experts)
     x = basis_tokens(((torch.arange(64) // 8) % experts).tolist(), experts)[None]  # 8-token runs per expert
     _, aux = layer(x)
     assert [aux.stats[f"cls{c}"].item() for c in CLS_CHUNK_SIZES] == pytest.approx(
