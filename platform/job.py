@@ -14,7 +14,7 @@ from pathlib import Path
 from sparta.platform import checkpoint, reaper
 from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
 from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
-from sparta.platform.data import count_windows, open_corpus, prepare_corpus
+from sparta.platform.data import Corpus, count_windows, open_corpus, prepare_corpus
 from sparta.platform.runs import CHECKPOINT_DIR_TAG
 from sparta.platform.tracking import Tracker, default_tracking_uri
 from sparta.platform.worker import WorkerArgs, read_outcome, train_worker
@@ -62,21 +62,34 @@ def joins_cluster(job: JobConfig) -> bool:
     return job.cluster.address is not None or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def connect_ray(job: JobConfig) -> WorkerPlan:
+def connect_ray(job: JobConfig, corpus: Corpus) -> WorkerPlan:
     """Join the configured cluster, or start a Ray instance sized to this machine; plan the workers
-    against its resources, before any worker starts (and, locally, before Ray starts)."""
+    against its resources and check that the corpus fills their batches, before any worker starts
+    (and, locally, before Ray starts)."""
     import ray
     import torch
 
     output = {"log_to_driver": job.verbose, "logging_level": logging.INFO if job.verbose else logging.WARNING}
     if joins_cluster(job):
         ray.init(address=job.cluster.address, **output)  # None: $RAY_ADDRESS
-        return plan_workers(job, ray.cluster_resources())
+        plan = plan_workers(job, ray.cluster_resources())
+        check_batches(job, corpus, plan.num_workers)
+        return plan
     machine = {"CPU": os.cpu_count(), "GPU": torch.cuda.device_count()}
     plan = plan_workers(job, machine)
+    check_batches(job, corpus, plan.num_workers)
     ray.init(address="local", num_cpus=machine["CPU"], num_gpus=machine["GPU"], **output)
     reaper.start_for_this_process()  # stops this Ray instance if the driver is killed
     return plan
+
+
+def check_batches(job: JobConfig, corpus: Corpus, num_workers: int) -> None:
+    """Both splits hold at least one global micro-batch of windows (else every worker would fail on it)."""
+    try:
+        for split, tokens in (("the train", corpus.train), ("the validation", corpus.val)):
+            count_windows(len(tokens), job.data.seq_len, job.deepspeed.micro_batch_size, num_workers, split)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def ray_logs_dir() -> str:
@@ -101,13 +114,8 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
         quiet_driver()
     data = job.data
     corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
-    plan = connect_ray(job)
     corpus = open_corpus(corpus_dir)
-    try:
-        for split, tokens in (("the train", corpus.train), ("the validation", corpus.val)):
-            count_windows(len(tokens), data.seq_len, job.deepspeed.micro_batch_size, plan.num_workers, split)
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    plan = connect_ray(job, corpus)
     tracker = Tracker(default_tracking_uri(job.tracking.uri, root), retry_s=job.tracking.retry_s)
     resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
     if not resumed:
