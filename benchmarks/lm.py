@@ -24,6 +24,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from sparta.platform.plots import ZERO_COMPUTATION_KEYS
+
 import harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +68,7 @@ def speed_record(name: str, run: dict) -> dict:
 
 def quality_record(name: str, run: dict, tokens: int) -> dict:
     m = run["metrics"]
-    zc = sum(m.get(f"moe/{kind}_slot_fraction", 0.0) for kind in ("zero", "copy", "constant"))
+    zc = sum(m.get(key, 0.0) for key in ZERO_COMPUTATION_KEYS)
     return {"case": f"lm-{name}-python_source", "impl": "sparta", "val_loss": round(m["val/loss"], 4),
             "tokens": tokens, "tls": round(m["moe/tls"], 4), "cls8": round(m["moe/cls8"], 4),
             "ffn_experts_per_token": round(m["moe/ffn_experts_per_token"], 3),

@@ -27,6 +27,7 @@ from sparta.platform.console import log_to_console_file
 from sparta.platform.data import TokenBatches, open_corpus
 from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_expert_parallel, mark_expert_parameters
+from sparta.platform.plots import ZERO_COMPUTATION_KEYS
 from sparta.platform.tracking import Tracker, system_info
 
 # Ray Train routes worker logging (and print) to the driver's console and to its log files.
@@ -402,7 +403,7 @@ class Progress:
             parts += [f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",
                       f"grad {metrics['train/grad_norm']:.3f}"]
         if "moe/tls" in metrics:
-            zero_computation = sum(metrics.get(f"moe/{k}_slot_fraction", 0.0) for k in ("zero", "copy", "constant"))
+            zero_computation = sum(metrics.get(key, 0.0) for key in ZERO_COMPUTATION_KEYS)
             parts.append(f"tls {metrics['moe/tls']:.1%} cls8 {metrics['moe/cls8']:.1%}"
                          + (f" zc slots {zero_computation:.1%}" if "moe/zero_slot_fraction" in metrics else ""))
         if "val/loss" in metrics:
