@@ -43,7 +43,8 @@ def train(root: Path, name: str, *overrides: str) -> dict:
     (run,) = client.search_runs([experiment.experiment_id], f"tags.`sparta.run_name` = '{name}'")
     history = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
                for key in ("train/tokens_per_s", "train/mfu")}
-    return {"params": run.data.params, "metrics": run.data.metrics, "history": history,
+    graphs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/compiled_graphs")}
+    return {"params": run.data.params, "metrics": run.data.metrics, "history": history, "compiled_graphs": graphs,
             "wall_s": time.perf_counter() - start, "run_id": run.info.run_id}
 
 
@@ -100,7 +101,8 @@ def main():
         if compiled:
             speedup = steady(compiled["history"]["train/tokens_per_s"]) / steady(eager["history"]["train/tokens_per_s"])
             record("train", {**speed_record(name, compiled), "speedup_vs_eager": round(speedup, 3),
-                             "compile_s": round(compiled["metrics"]["train/compile_s"], 1)})
+                             "compile_s": round(compiled["metrics"]["train/compile_s"], 1),
+                             **recompiles_after_warmup(compiled)})
 
     if "dense" in args.only:
         dense_steps = [f"trainer.max_steps={args.dense_steps}", f"trainer.checkpoint_every={args.dense_steps}",
@@ -136,6 +138,18 @@ def main():
             record("quality", {"case": "lm-blockffn-vs-topk-python_source", "impl": "sparta",
                                "val_loss": round(runs["blockffn"]["metrics"]["val/loss"], 4),
                                "topk_val_loss": round(run["metrics"]["val/loss"], 4), **vs_topk(runs["blockffn"], run)})
+
+
+def recompiles_after_warmup(run: dict) -> dict:
+    """Graphs compiled after the first evaluation (the warm-up compiles the train and eval graphs),
+    and over how many steps: 0 when routing that changes from step to step reuses the graphs."""
+    graphs = run["compiled_graphs"]
+    first_eval = int(run["params"]["trainer.eval_every"])
+    warm = [step for step in graphs if step >= first_eval]
+    if not warm:
+        return {}
+    return {"recompiles_after_warmup": int(graphs[max(warm)] - graphs[min(warm)]),
+            "recompile_window_steps": max(warm) - min(warm)}
 
 
 def vs_topk(run: dict, topk: dict) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch._dynamo.utils import counters
 
 from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
 from sparta.platform import checkpoint
@@ -166,6 +167,8 @@ def train(args: WorkerArgs) -> None:
                 metrics["val/compile_s"] = time.perf_counter() - eval_start
                 progress.discount(metrics["val/compile_s"])
             evaluated = True
+        if trainer.compile and metrics:  # constant after the warm-up unless something recompiles
+            metrics["train/compiled_graphs"] = counters["stats"]["unique_graphs"]
         if progress and metrics:
             tokens_per_s = progress.tokens_per_s(step, tokens_per_step)
             metrics["train/tokens_per_s"] = tokens_per_s

@@ -71,6 +71,8 @@ def test_compiled_model_trains_like_eager_with_compile_time_logged_apart(swept_s
         for step in expected:
             assert got[step][0] == pytest.approx(expected[step][0], rel=1e-4), (key, step)
     assert set(history(client, compiled, "train/compile_s")) == {1} and set(history(client, compiled, "val/compile_s")) == {10}
+    graphs = {step: values[0] for step, values in history(client, compiled, "train/compiled_graphs").items()}
+    assert graphs[10] > 0 and {graphs[step] for step in graphs if step >= 10} == {graphs[10]}, graphs  # no recompile
     speed = [values[0] for values in history(client, compiled, "train/tokens_per_s").values()]
     assert min(speed) > 0.3 * statistics.median(speed), speed
 
