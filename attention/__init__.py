@@ -11,12 +11,14 @@ from sparta.attention.selection import (
     pooled_block_logits,
     topk_blocks,
 )
+from sparta.attention.sequence_parallel import heads_to_sequence, sequence_shard, sequence_to_heads
 from sparta.attention.sparsed import SparseDSchedule
 from sparta.attention.video import PATTERNS, Pattern, TileOrder, VideoGrid
 
 __all__ = [
     "PATTERNS", "BlockLayout", "CostModel", "DynamicBlockSelection", "HeadGroup", "Pattern", "PatternSearch",
     "Plan", "SparseAttention", "SparseAttentionCore", "SparseDSchedule", "TileOrder", "TokenOrder", "VideoGrid",
-    "attend", "attention_block_mass", "capture_qkv", "invert_permutation", "masked_attention", "mass_blocks",
-    "pool_blocks", "pooled_block_logits", "topk_blocks", "video_candidates",
+    "attend", "attention_block_mass", "capture_qkv", "heads_to_sequence", "invert_permutation", "masked_attention",
+    "mass_blocks", "pool_blocks", "pooled_block_logits", "sequence_shard", "sequence_to_heads", "topk_blocks",
+    "video_candidates",
 ]

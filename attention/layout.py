@@ -99,6 +99,12 @@ class BlockLayout:
             raise ValueError(f"heads: repeat_heads needs a one-head layout, this one has {self.heads}")
         return self._with_mask(self.mask.expand(-1, heads, -1, -1).contiguous())
 
+    def select_heads(self, heads: Sequence[int]) -> BlockLayout:
+        """The masks of `heads` only, renumbered 0.. in that order (a sequence-parallel rank's heads)."""
+        if not heads or min(heads) < 0 or max(heads) >= self.heads:
+            raise ValueError(f"heads: expected indices of this layout's {self.heads} heads, got {heads}")
+        return self._with_mask(self.mask[:, list(heads)])
+
     @staticmethod
     def concat_heads(layouts: Sequence[BlockLayout]) -> BlockLayout:
         """Stack layouts along the head dim: per-head patterns that run in one kernel call."""

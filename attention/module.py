@@ -9,6 +9,16 @@ Providers: a `BlockLayout` for all heads, a loaded search `Plan` (per-layer, per
 heads fused by token order), a `SparseDSchedule` (diffusion LMs), a `DynamicBlockSelection`.
 Backends: "triton" (sparta's block-sparse kernel), "reference" (the same math in plain torch from
 the element mask, for checks on small shapes), "dense" (SDPA; ignores the provider).
+
+Sequence parallelism (DeepSpeed-Ulysses, `sequence_group` of P ranks): each rank projects its N/P
+tokens, an all-to-all gives it H/P heads of all N tokens (`sequence_parallel.py`), rotary and
+attention run there, and a second all-to-all brings the output back to its tokens. A head's pattern
+follows the head to its rank. The provider contract: a provider is called with the q, k the core
+holds and numbers heads as they are in q (0 .. H/P - 1 on a rank). Providers that compute the
+pattern from q, k (`SparseDSchedule`, `DynamicBlockSelection`) need nothing more. A provider whose
+patterns are fixed per global head (`BlockLayout`, `Plan`) defines `select_heads(heads)`, and the
+core, which knows its global query heads (`SparseAttentionCore.heads`), cuts it to them once,
+whenever its layout is set.
 """
 
 from __future__ import annotations
@@ -17,11 +27,13 @@ import functools
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 import sparta.kernels as K
 from sparta.attention.layout import BlockLayout, HeadGroup, invert_permutation
+from sparta.attention.sequence_parallel import heads_to_sequence, sequence_to_heads
 from sparta.attention.video import VideoGrid
 
 BACKENDS = ("triton", "reference", "dense")
@@ -94,24 +106,40 @@ class SparseAttentionCore(nn.Module):
     """The attention op alone (no weights): provider -> layout -> backend.
 
     A separate module so that `search.capture_qkv` can hook exactly the q, k, v it receives.
+    `heads`: the layer's global query heads that q holds (a sequence-parallel rank's share), None for
+    all of them; a layout with `select_heads` is cut to them whenever it is set (module docstring).
     """
 
     def __init__(self, layout: BlockLayout | LayoutProvider | None = None, *, layer: int = 0,
-                 backend: str = "triton", sm_scale: float | None = None):
+                 backend: str = "triton", sm_scale: float | None = None, heads: range | None = None):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.heads, self.layer, self.backend, self.sm_scale = heads, layer, backend, sm_scale
+        self.layout = layout
+
+    @property
+    def layout(self) -> BlockLayout | LayoutProvider | None:
+        """The layout as given, for all heads of the layer."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, layout: BlockLayout | LayoutProvider | None) -> None:
         if not (layout is None or isinstance(layout, BlockLayout) or callable(layout)):
             raise ValueError(f"layout: expected a BlockLayout, a layout provider or None, got {type(layout).__name__}")
-        self.layout, self.layer, self.backend, self.sm_scale = layout, layer, backend, sm_scale
+        self._layout = layout
+        self._own_heads_layout = layout
+        if self.heads is not None and hasattr(layout, "select_heads"):
+            self._own_heads_layout = layout.select_heads(self.heads)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.layout, BlockLayout):
-            groups = [HeadGroup(tuple(range(q.shape[1])), self.layout)]
-        elif self.layout is None or self.backend == "dense":
+        layout = self._own_heads_layout
+        if isinstance(layout, BlockLayout):
+            groups = [HeadGroup(tuple(range(q.shape[1])), layout)]
+        elif layout is None or self.backend == "dense":
             groups = None
         else:
-            groups = self.layout(q, k, self.layer)
+            groups = layout(q, k, self.layer)
         return attend(q, k, v, groups, backend=self.backend, sm_scale=self.sm_scale)
 
 
@@ -120,12 +148,17 @@ class SparseAttention(nn.Module):
 
     rotary: None, "1d" (positions 0..N-1) or "3d" (frame, row, column of `grid`; text tokens are not
     rotated). x is [B, N, dim]; N must equal `grid.tokens` for "3d".
+
+    sequence_group: a process group of P ranks that share each sequence (module docstring). x is then
+    this rank's shard [B, N/P, dim] of the tokens (`sequence_shard`), and so is the output; rotary
+    uses the global positions. num_heads and num_kv_heads must be multiples of P. The weights are
+    replicated: sum their gradients over the group. None, or a group of one rank: no parallelism.
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, rotary: str | None = None,
                  grid: VideoGrid | None = None, rotary_base: float = 10000.0,
                  layout: BlockLayout | LayoutProvider | None = None, layer: int = 0, backend: str = "triton",
-                 bias: bool = False):
+                 bias: bool = False, sequence_group: dist.ProcessGroup | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or dim % num_heads:
@@ -139,30 +172,46 @@ class SparseAttention(nn.Module):
             raise ValueError(f"rotary: needs an even head dim, got {head_dim}")
         if rotary == "3d" and grid is None:
             raise ValueError("grid: rotary='3d' needs the VideoGrid of the tokens")
+        ranks = 1 if sequence_group is None else dist.get_world_size(sequence_group)
+        if num_heads % ranks or num_kv_heads % ranks:
+            raise ValueError(f"sequence_group: its {ranks} ranks split the heads, so num_heads={num_heads} and "
+                             f"num_kv_heads={num_kv_heads} must be multiples of {ranks}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rotary, self.grid, self.rotary_base = rotary, grid, rotary_base
+        self.sequence_group = sequence_group if ranks > 1 else None
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
-        self.core = SparseAttentionCore(layout, layer=layer, backend=backend)
+        heads = None
+        if self.sequence_group is not None:
+            first = dist.get_rank(sequence_group) * num_heads // ranks
+            heads = range(first, first + num_heads // ranks)
+        self.core = SparseAttentionCore(layout, layer=layer, backend=backend, heads=heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
             raise ValueError(f"x: expected [B, N, dim], got shape {tuple(x.shape)}")
         batch, tokens, _ = x.shape
+        group = self.sequence_group
+        ranks = 1 if group is None else dist.get_world_size(group)
+        if self.rotary == "3d" and tokens * ranks != self.grid.tokens:
+            shards = "" if ranks == 1 else f" on each of {ranks} sequence-parallel ranks"
+            raise ValueError(f"x: {tokens} tokens{shards}, the grid {self.grid} has {self.grid.tokens}")
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q, k, v))
-        if self.rotary is not None:
-            angles = self._rotary_angles(tokens, x.device)
+        if group is not None:
+            q, k, v = (sequence_to_heads(t, group) for t in (q, k, v))
+        if self.rotary is not None:  # after the all-to-all every rank holds whole sequences: global positions
+            angles = self._rotary_angles(q.shape[-2], x.device)
             q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         out = self.core(q, k, v)
+        if group is not None:
+            out = heads_to_sequence(out, group)
         return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
     def _rotary_angles(self, tokens: int, device) -> torch.Tensor:
         if self.rotary == "1d":
             return rotary_angles_1d(tokens, self.head_dim, self.rotary_base, device)
-        if tokens != self.grid.tokens:
-            raise ValueError(f"x: {tokens} tokens, the grid {self.grid} has {self.grid.tokens}")
         return rotary_angles_3d(self.grid, self.head_dim, self.rotary_base, device)
 
 

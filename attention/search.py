@@ -118,6 +118,15 @@ class Plan:
             raise ValueError(f"q: {q.shape[1]} heads, the plan's layer {layer} has {len(self.layers[layer])}")
         return self.groups(layer, q.device)
 
+    def select_heads(self, heads: Sequence[int]) -> Plan:
+        """The plan of `heads` only, renumbered 0.. in that order (a sequence-parallel rank's heads)."""
+        for layer, patterns in self.layers.items():
+            if not heads or min(heads) < 0 or max(heads) >= len(patterns):
+                raise ValueError(f"heads: expected indices of the {len(patterns)} heads of layer {layer}, got {heads}")
+        layers = {layer: [patterns[h] for h in heads] for layer, patterns in self.layers.items()}
+        stats = {layer: [head_stats[h] for h in heads] for layer, head_stats in self.stats.items()}
+        return Plan(self.grid, self.block, layers, stats)
+
     def groups(self, layer: int, device: torch.device | str | None = None) -> list[HeadGroup]:
         """The layer's head groups (built once per layer and device, see `_build_groups`)."""
         key = (layer, torch.device(device or "cpu"))
@@ -285,6 +294,8 @@ def capture_qkv(model: nn.Module, observe: Callable[[int, torch.Tensor, torch.Te
     cores = [module for module in model.modules() if isinstance(module, SparseAttentionCore)]
     if not cores:
         raise ValueError("model: has no SparseAttention layer to capture")
+    if any(core.heads is not None for core in cores):
+        raise ValueError("model: capture_qkv needs every head of each layer; run it without a sequence_group")
     layers = [core.layer for core in cores]
     if len(set(layers)) != len(layers):
         raise ValueError(f"model: SparseAttention layers need distinct `layer` indices, got {layers}")

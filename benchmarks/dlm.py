@@ -14,7 +14,6 @@ zeros, over the step time) and the attention-only speedup after the switch step.
 """
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,10 +34,7 @@ import generate  # noqa: E402  (launch/generate.py: the timed sampler that this 
 def train(root: Path, name: str, steps: int | None) -> None:
     shorter = [f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}", f"trainer.eval_every={steps}",
                f"deepspeed.lr_schedule.warmup_steps={steps // 10}"] if steps else []
-    command = [sys.executable, str(REPO / "launch" / "train.py"), "experiment=dlm_long", f"cluster.root={root}",
-               f"run_name={name}", *shorter]
-    print("+", " ".join(command[1:]), flush=True)
-    subprocess.run(command, cwd=REPO, check=True)
+    harness.train(root, name, "experiment=dlm_long", *shorter)
 
 
 def median_ms(call, repeats: int = 5) -> float:

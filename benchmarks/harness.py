@@ -5,13 +5,17 @@ import datetime
 import json
 import os
 import re
+import statistics
 import subprocess
+import sys
+import time
 import traceback
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
@@ -31,15 +35,49 @@ def commit() -> str:
         return "uncommitted"
 
 
+def device_name() -> str:
+    """The GPU's name, else the CPU's model and core count (CPU-worker benchmarks)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.MULTILINE)
+    return f"{models[0] if models else 'CPU'} ({os.cpu_count()} cores)"
+
+
 def metadata(bench: str) -> dict:
-    return {"bench": bench, "device": torch.cuda.get_device_name(), "commit": commit(),
-            "date": datetime.date.today().isoformat()}
+    return {"bench": bench, "device": device_name(), "commit": commit(), "date": datetime.date.today().isoformat()}
 
 
 def results_path(bench: str) -> Path:
     """benchmarks/results/<bench>-<device slug>.jsonl"""
-    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
     return RESULTS / f"{bench}-{slug}.jsonl"
+
+
+HISTORIES = ("train/tokens_per_s", "train/mfu", "train/compiled_graphs")
+
+
+def train(root: Path, name: str, *overrides: str) -> dict:
+    """One `launch/train.py` job (cluster.root `root`, run_name `name`); returns its MLflow run's
+    params, final metrics, the histories of HISTORIES ({key: {step: value}}) and its wall time."""
+    from mlflow.tracking import MlflowClient
+
+    command = [sys.executable, str(REPO / "launch" / "train.py"), f"cluster.root={root}", f"run_name={name}", *overrides]
+    print("+", " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("sparta")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.`sparta.run_name` = '{name}'")
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} for key in HISTORIES}
+    return {"params": run.data.params, "metrics": run.data.metrics, "history": history,
+            "wall_s": time.perf_counter() - start, "run_id": run.info.run_id}
+
+
+def steady(by_step: dict[int, float]) -> float:
+    """Median over the second half of a run's logged values: compilation, warm-up and the first
+    evaluations left out."""
+    values = [by_step[step] for step in sorted(by_step)]
+    return statistics.median(values[len(values) // 2:])
 
 
 def append(path: Path, record: dict) -> None:

@@ -16,53 +16,25 @@ Each run is a real `launch/train.py` job (its MLflow store and checkpoints under
 appended to benchmarks/results/{train,quality}-<device>.jsonl (or --results DIR) as each run ends.
 """
 import argparse
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
-
-from mlflow.tracking import MlflowClient
 
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
 
 import harness
 
-REPO = Path(__file__).resolve().parents[1]
 MOE_RUNS = ("blockffn", "topk", "moepp")
-
-
-def train(root: Path, name: str, *overrides: str) -> dict:
-    """One training job; returns its MLflow run's params, final metrics and metric histories."""
-    command = [sys.executable, str(REPO / "launch" / "train.py"), f"cluster.root={root}", f"run_name={name}", *overrides]
-    print("+", " ".join(command[1:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
-    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("sparta")
-    (run,) = client.search_runs([experiment.experiment_id], f"tags.`sparta.run_name` = '{name}'")
-    history = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-               for key in ("train/tokens_per_s", "train/mfu")}
-    graphs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/compiled_graphs")}
-    return {"params": run.data.params, "metrics": run.data.metrics, "history": history, "compiled_graphs": graphs,
-            "wall_s": time.perf_counter() - start, "run_id": run.info.run_id}
-
-
-def steady(values: list[float]) -> float:
-    """Median over the second half of the run: compilation, warm-up and the first evals left out."""
-    return statistics.median(values[len(values) // 2:])
 
 
 def speed_record(name: str, run: dict) -> dict:
     p = run["params"]
-    tokens_per_s = steady(run["history"]["train/tokens_per_s"])
+    tokens_per_s = harness.steady(run["history"]["train/tokens_per_s"])
     record = {"case": f"lm-{name}-d{p['model.d_model']}-L{p['model.n_layers']}-seq{p['data.seq_len']}",
               "impl": f"sparta (launch/train.py, Ray Train + DeepSpeed ZeRO-{p['deepspeed.zero_stage']}, bf16"
                       f"{', compiled' if p['trainer.compile'] == 'True' else ''})",
               "pass": "train", "tokens_per_s": round(tokens_per_s), "micro_batch": int(p["deepspeed.micro_batch_size"]),
               "steps": int(p["trainer.max_steps"]), "mlflow_run": run["run_id"]}
     if run["history"]["train/mfu"]:
-        mfu = steady(run["history"]["train/mfu"])
+        mfu = harness.steady(run["history"]["train/mfu"])
         record.update(mfu=round(mfu, 4), baseline="device dense bf16 peak (datasheet)")
     return record
 
@@ -97,9 +69,10 @@ def main():
         print(bench, values, flush=True)
 
     def record_compiled(name: str, eager: dict, *overrides: str) -> None:
-        compiled = harness.keep_going(train, root, f"{name}-compiled", *overrides, "trainer.compile=true")
+        compiled = harness.keep_going(harness.train, root, f"{name}-compiled", *overrides, "trainer.compile=true")
         if compiled:
-            speedup = steady(compiled["history"]["train/tokens_per_s"]) / steady(eager["history"]["train/tokens_per_s"])
+            speedup = (harness.steady(compiled["history"]["train/tokens_per_s"])
+                       / harness.steady(eager["history"]["train/tokens_per_s"]))
             record("train", {**speed_record(name, compiled), "speedup_vs_eager": round(speedup, 3),
                              "compile_s": round(compiled["metrics"]["train/compile_s"], 1),
                              **recompiles_after_warmup(compiled)})
@@ -108,7 +81,7 @@ def main():
         dense_steps = [f"trainer.max_steps={args.dense_steps}", f"trainer.checkpoint_every={args.dense_steps}",
                        f"trainer.eval_every={args.dense_steps}", "trainer.log_every=10",
                        f"deepspeed.lr_schedule.warmup_steps={args.dense_steps // 4}"] if args.dense_steps else []
-        run = harness.keep_going(train, root, "dense", "experiment=lm_dense", *dense_steps)
+        run = harness.keep_going(harness.train, root, "dense", "experiment=lm_dense", *dense_steps)
         if run:
             record("train", speed_record("dense", run))
             if args.compile:
@@ -118,7 +91,7 @@ def main():
     for name in (n for n in MOE_RUNS if n in args.only):
         steps = [f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.steps}",
                  f"trainer.eval_every={args.steps // 2}"] if args.steps else []
-        run = harness.keep_going(train, root, name, f"experiment=lm_{name}", *steps, *top_k)
+        run = harness.keep_going(harness.train, root, name, f"experiment=lm_{name}", *steps, *top_k)
         if run is None:
             continue
         runs[name] = run
@@ -143,7 +116,7 @@ def main():
 def recompiles_after_warmup(run: dict) -> dict:
     """Graphs compiled after the first evaluation (the warm-up compiles the train and eval graphs),
     and over how many steps: 0 when routing that changes from step to step reuses the graphs."""
-    graphs = run["compiled_graphs"]
+    graphs = run["history"]["train/compiled_graphs"]
     first_eval = int(run["params"]["trainer.eval_every"])
     warm = [step for step in graphs if step >= first_eval]
     if not warm:
@@ -154,8 +127,8 @@ def recompiles_after_warmup(run: dict) -> dict:
 
 def vs_topk(run: dict, topk: dict) -> dict:
     return {"val_loss_vs_topk": round(run["metrics"]["val/loss"] / topk["metrics"]["val/loss"], 4),
-            "speedup_vs_topk": round(steady(run["history"]["train/tokens_per_s"])
-                                     / steady(topk["history"]["train/tokens_per_s"]), 3)}
+            "speedup_vs_topk": round(harness.steady(run["history"]["train/tokens_per_s"])
+                                     / harness.steady(topk["history"]["train/tokens_per_s"]), 3)}
 
 
 if __name__ == "__main__":

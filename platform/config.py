@@ -41,7 +41,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    data: int | None
     expert: int
+    sequence: int
+
+    def data_shards(self, num_workers: int) -> int:
+        """Workers that read different samples: sequence-parallel ranks share theirs."""
+        return num_workers // self.sequence
 
 
 @dataclass(frozen=True)
@@ -57,7 +63,7 @@ class ChunkSparsityScheduleConfig:
 class TrainerConfig:
     num_workers: int | None
     use_gpu: bool | None
-    cpus_per_worker: int
+    cpus_per_worker: float
     max_steps: int
     log_every: int
     eval_every: int
@@ -69,6 +75,7 @@ class TrainerConfig:
     inject_failure_at_step: int | None
     peak_tflops: float | None
     compile: bool
+    activation_checkpointing: bool
     chunk_sparsity_schedule: ChunkSparsityScheduleConfig
 
 
@@ -249,13 +256,19 @@ def _check_moe(job: JobConfig) -> None:
 
 def _check_ranges(job: JobConfig) -> None:
     m, d, t, ds = job.model, job.data, job.trainer, job.deepspeed
-    ep = job.parallel.expert
+    ep, sp = job.parallel.expert, job.parallel.sequence
     checks = [
         (m["ffn"] in FFN_KINDS, "model.ffn", f"one of {', '.join(FFN_KINDS)}", m["ffn"]),
         (m["moe_every"] >= 1, "model.moe_every", ">= 1", m["moe_every"]),
         (m["first_dense_layers"] >= 0, "model.first_dense_layers", ">= 0", m["first_dense_layers"]),
+        (job.parallel.data is None or job.parallel.data >= 1, "parallel.data", ">= 1 or null", job.parallel.data),
         (ep >= 1, "parallel.expert", ">= 1", ep),
         (ep == 1 or m["ffn"] == "moe", "parallel.expert", "1 for model.ffn=dense (no experts to shard)", ep),
+        (sp >= 1, "parallel.sequence", ">= 1", sp),
+        *[(sp == 1 or m[k] % sp == 0, "parallel.sequence", f"a divisor of model.{k}={m[k]} (each rank attends with "
+           "its share of the heads)", sp) for k in ("n_heads", "n_kv_heads")],
+        (sp == 1 or d.seq_len % sp == 0, "parallel.sequence", f"a divisor of data.seq_len={d.seq_len} (each rank "
+         "holds an equal shard of the sequence)", sp),
         (m["ffn"] == "dense" or ds.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
          "0, 1 or 2 with model.ffn=moe (ZeRO-3 does not gather the grouped experts' weights for their backward)",
          ds.zero_stage),
@@ -266,7 +279,7 @@ def _check_ranges(job: JobConfig) -> None:
         (0 < d.seq_len <= m["max_seq_len"], "data.seq_len", f"in 1..model.max_seq_len={m['max_seq_len']}", d.seq_len),
         (0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction),
         (t.num_workers is None or t.num_workers >= 1, "trainer.num_workers", ">= 1 or null (one per GPU, else 2)", t.num_workers),
-        (t.cpus_per_worker >= 1, "trainer.cpus_per_worker", ">= 1", t.cpus_per_worker),
+        (t.cpus_per_worker > 0, "trainer.cpus_per_worker", "> 0 (a fraction shares a CPU)", t.cpus_per_worker),
         *[(getattr(t, k) >= 1, f"trainer.{k}", ">= 1", getattr(t, k))
           for k in ("max_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints")],
         (t.max_failures >= -1, "trainer.max_failures", ">= 0, or -1 for unlimited", t.max_failures),

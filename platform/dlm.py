@@ -28,7 +28,7 @@ from torch import nn
 from sparta.attention import SparseAttention, SparseDSchedule
 from sparta.kernels.block_layout import SUPPORTED_BLOCK_SIZES
 from sparta.kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS
-from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, run_blocks, with_aux_losses
+from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, run_blocks, shard_or_none, with_aux_losses
 
 MASK_EPS = 1e-3  # t is drawn in [MASK_EPS, 1], as LLaDA does, so that 1/t stays bounded
 EVAL_NOISE_SEED = 20250214
@@ -56,16 +56,22 @@ class DiffusionLM(nn.Module):
     The trainer's contract: `model(tokens, targets)` returns `(loss, metrics)`, the diffusion bound on
     the window `tokens` (the clean sequence; the next-token `targets` only ask for the loss);
     `model(tokens)` returns the logits over the vocabulary (without [MASK]).
+
+    With a sequence-parallel group (training only), every rank of the group draws the same noise for
+    the whole sequences and runs its own shard; its loss is the shard's sum over masked tokens (per
+    answer token of the whole sequence) times the group size, so that the group's mean is the bound.
     """
 
-    def __init__(self, cfg: DLMConfig, ep_group=None):
+    def __init__(self, cfg: DLMConfig, ep_group=None, sp_group=None):
         super().__init__()
         self.cfg = cfg
+        self.sp_group = sp_group
         init_seed = int(torch.randint(0, 2**62, ()))  # before the layers draw their own (layout-dependent) inits
         self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)  # + [MASK]
         self.blocks = nn.ModuleList(
             Block(cfg, layer, ep_group, SparseAttention(cfg.d_model, cfg.n_heads, num_kv_heads=cfg.n_kv_heads,
-                                                        rotary="1d", rotary_base=cfg.rope_theta, layer=layer))
+                                                        rotary="1d", rotary_base=cfg.rope_theta, layer=layer,
+                                                        sequence_group=sp_group))
             for layer in range(cfg.n_layers))
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -112,9 +118,13 @@ class DiffusionLM(nn.Module):
         prompt_len = draw_prompt_lengths(clean.shape, self.cfg.prompt_prob, noise, clean.device)
         noisy, masked, p_mask = mask_tokens(clean, self.mask_id, prompt_len, noise)
         doc_ids = document_ids(clean, self.cfg.eot_id) if self.moe_layers and self.cfg.eot_id is not None else None
+        answer_len, shards = clean.shape[1] - prompt_len, 1
+        if self.sp_group is not None:
+            clean, noisy, masked, doc_ids = (shard_or_none(t, self.sp_group) for t in (clean, noisy, masked, doc_ids))
+            shards = dist.get_world_size(self.sp_group)
         hidden, auxes = self.hidden(noisy, doc_ids)
         logits = self.head(hidden)[..., :self.cfg.vocab_size]
-        loss = elbo_loss(logits, clean, masked, p_mask, clean.shape[1] - prompt_len)
+        loss = shards * elbo_loss(logits, clean, masked, p_mask, answer_len)
         return with_aux_losses(loss, auxes, self.cfg.moe)
 
     def _noise(self, device: torch.device) -> torch.Generator:
@@ -124,7 +134,9 @@ class DiffusionLM(nn.Module):
             self._eval_draws += 1
             return torch.Generator(device).manual_seed(EVAL_NOISE_SEED + self._eval_draws)
         if self._train_noise is None or self._train_noise.device != device:
-            rank = dist.get_rank() if dist.is_initialized() else 0
+            # the data shard's index: a sequence-parallel group (neighbouring ranks) shares one stream
+            shards = 1 if self.sp_group is None else dist.get_world_size(self.sp_group)
+            rank = dist.get_rank() // shards if dist.is_initialized() else 0
             self._train_noise = torch.Generator(device).manual_seed(torch.initial_seed() + 1 + rank)
         return self._train_noise
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparta.platform import checkpoint, reaper
-from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
+from sparta.platform.config import ConfigError, JobConfig, ParallelConfig, deepspeed_config
 from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
 from sparta.platform.data import Corpus, count_windows, open_corpus, prepare_corpus
 from sparta.platform.runs import CHECKPOINT_DIR_TAG
@@ -49,13 +49,22 @@ def plan_workers(job: JobConfig, resources: dict) -> WorkerPlan:
     if num_workers * trainer.cpus_per_worker > cpus:
         raise ConfigError(
             f"trainer.num_workers={num_workers}: {num_workers} workers x trainer.cpus_per_worker="
-            f"{trainer.cpus_per_worker} need {num_workers * trainer.cpus_per_worker} CPUs, the cluster has {cpus}; "
-            f"expected trainer.num_workers <= {cpus // trainer.cpus_per_worker}")
-    if num_workers % job.parallel.expert:
-        raise ConfigError(f"parallel.expert={job.parallel.expert}: expected a divisor of the {num_workers} workers "
-                          "(trainer.num_workers)")
+            f"{trainer.cpus_per_worker:g} need {num_workers * trainer.cpus_per_worker:g} CPUs, the cluster has {cpus}; "
+            f"expected trainer.num_workers <= {int(cpus // trainer.cpus_per_worker)}")
+    check_layout(job.parallel, num_workers)
     deepspeed_config(job.deepspeed, trainer.max_steps, use_gpu)  # raises on a precision the workers can't run
     return WorkerPlan(num_workers, use_gpu)
+
+
+def check_layout(parallel: ParallelConfig, num_workers: int) -> None:
+    """parallel.data x parallel.expert x parallel.sequence must be the worker count."""
+    sharded = parallel.expert * parallel.sequence
+    if num_workers % sharded:
+        raise ConfigError(f"parallel.expert={parallel.expert} x parallel.sequence={parallel.sequence}: expected a "
+                          f"divisor of the {num_workers} workers (trainer.num_workers)")
+    if parallel.data is not None and parallel.data * sharded != num_workers:
+        raise ConfigError(f"parallel.data={parallel.data}: expected {num_workers // sharded}, so that parallel.data x "
+                          f"parallel.expert x parallel.sequence = the {num_workers} workers (or null to derive it)")
 
 
 def joins_cluster(job: JobConfig) -> bool:
@@ -87,7 +96,8 @@ def check_batches(job: JobConfig, corpus: Corpus, num_workers: int) -> None:
     """Both splits hold at least one global micro-batch of windows (else every worker would fail on it)."""
     try:
         for split, tokens in (("the train", corpus.train), ("the validation", corpus.val)):
-            count_windows(len(tokens), job.data.seq_len, job.deepspeed.micro_batch_size, num_workers, split)
+            count_windows(len(tokens), job.data.seq_len, job.deepspeed.micro_batch_size,
+                          job.parallel.data_shards(num_workers), split)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
@@ -122,7 +132,10 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
         tracker.log_params({**params, **corpus.params})
         tracker.log_text(resolved_yaml, "config.yaml")
         tracker.set_tags({CHECKPOINT_DIR_TAG: str(run_dir)})
-    print(f"[sparta] run {run_name}: {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} workers, "
+    p = job.parallel
+    layout = (f" (data {p.data_shards(plan.num_workers) // p.expert} x expert {p.expert} x sequence {p.sequence})"
+              if p.expert * p.sequence > 1 else "")
+    print(f"[sparta] run {run_name}: {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} workers{layout}, "
           f"ZeRO-{job.deepspeed.zero_stage}, {job.trainer.max_steps} steps; checkpoints in {run_dir}", flush=True)
     if not job.verbose:
         print(f"[sparta] Ray, Ray Train and DeepSpeed output: {ray_logs_dir()} (verbose=true shows it here); "

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from sparta.attention.sequence_parallel import heads_to_sequence, sequence_shard, sequence_to_heads
 from sparta.moe import MoE, MoEAux, MoEConfig, load_summary
 from sparta.platform.parallel import expert_parameters, local_experts
 
@@ -69,10 +71,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped key/value heads, run by PyTorch SDPA."""
+    """Causal multi-head attention with grouped key/value heads, run by PyTorch SDPA. With a
+    sequence-parallel group, x is this rank's shard of the sequence: q, k, v trade it for a share of
+    the heads over the whole sequence around SDPA (DeepSpeed-Ulysses)."""
 
-    def __init__(self, cfg: LMConfig):
+    def __init__(self, cfg: LMConfig, sp_group=None):
         super().__init__()
+        self.sp_group = sp_group
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.d_model // cfg.n_heads
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * self.head_dim, bias=False)
@@ -84,8 +89,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(batch, seq, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.sp_group is not None:
+            q, k, v = (sequence_to_heads(t, self.sp_group) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                              enable_gqa=self.n_heads != self.n_kv_heads)
+        if self.sp_group is not None:
+            out = heads_to_sequence(out, self.sp_group)
         return self.out_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -102,17 +111,25 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     """`attention`: this block's attention module (default: the LM's causal one); it is called as
-    `attention(norm(x), *attention_args)`, the LM passing its rotary tables."""
+    `attention(norm(x), *attention_args)`, the LM passing its rotary tables. `checkpointed` (set by
+    the trainer's `activation_checkpointing`): keep only the block's input for the backward and run
+    the block again there."""
 
-    def __init__(self, cfg: LMConfig, layer: int, ep_group=None, attention: nn.Module | None = None):
+    def __init__(self, cfg: LMConfig, layer: int, ep_group=None, attention: nn.Module | None = None, sp_group=None):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attention = Attention(cfg) if attention is None else attention
+        self.attention = Attention(cfg, sp_group) if attention is None else attention
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = MoE(cfg.d_model, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
+        self.checkpointed = False
 
     def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, prev_router_logits: torch.Tensor | None,
                 *attention_args) -> tuple[torch.Tensor, MoEAux | None]:
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, doc_ids, prev_router_logits, *attention_args, use_reentrant=False)
+        return self._forward(x, doc_ids, prev_router_logits, *attention_args)
+
+    def _forward(self, x, doc_ids, prev_router_logits, *attention_args):
         x = x + self.attention(self.attention_norm(x), *attention_args)
         if not isinstance(self.ffn, MoE):
             return x + self.ffn(self.ffn_norm(x)), None
@@ -122,16 +139,19 @@ class Block(nn.Module):
 
 class TransformerLM(nn.Module):
     """ep_group: the expert-parallel process group of the MoE layers (each rank builds its share of the
-    experts); the initial weights are the same whatever the layout."""
+    experts); sp_group: the sequence-parallel group (the model takes whole sequences and runs this
+    rank's shard of them: logits, loss and metrics are the shard's). The initial weights are the same
+    whatever the layout."""
 
-    def __init__(self, cfg: LMConfig, ep_group=None):
+    def __init__(self, cfg: LMConfig, ep_group=None, sp_group=None):
         super().__init__()
         if cfg.ffn not in FFN_KINDS or (cfg.ffn == "moe") != (cfg.moe is not None):
             raise ValueError(f"model.ffn={cfg.ffn!r}: expected 'dense', or 'moe' together with an MoE config")
         self.cfg = cfg
         init_seed = int(torch.randint(0, 2**62, ()))  # before the layers draw their own (layout-dependent) inits
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, layer, ep_group) for layer in range(cfg.n_layers))
+        self.sp_group = sp_group
+        self.blocks = nn.ModuleList(Block(cfg, layer, ep_group, sp_group=sp_group) for layer in range(cfg.n_layers))
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -168,6 +188,9 @@ class TransformerLM(nn.Module):
         seq = self.cfg.check_seq_len(tokens)
         cos, sin = rotary_tables(seq, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
         doc_ids = document_ids(tokens, self.cfg.eot_id) if self.moe_layers and self.cfg.eot_id is not None else None
+        if self.sp_group is not None:  # a token-mean loss: the mean over the group's shards is the sequence's
+            tokens, targets, doc_ids = (shard_or_none(t, self.sp_group) for t in (tokens, targets, doc_ids))
+            cos, sin = (sequence_shard(t, self.sp_group, dim=0) for t in (cos, sin))
         x, auxes = run_blocks(self.blocks, self.embed(tokens), doc_ids, cos, sin)
         logits = self.head(self.norm(x))
         if targets is None:
@@ -206,6 +229,11 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, doc_ids: torch.Tensor | N
         if aux is not None:
             auxes[layer], router_logits = aux, aux.router_logits
     return x, auxes
+
+
+def shard_or_none(x: torch.Tensor | None, sp_group) -> torch.Tensor | None:
+    """This rank's shard of a [batch, seq] tensor, if there is one."""
+    return None if x is None else sequence_shard(x, sp_group)
 
 
 def document_ids(tokens: torch.Tensor, eot_id: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The model families that one trainer trains: a config dataclass and a module per family.
 
 Every family keeps the trainer's contract (`platform/lm.py`): built from its config (and the
-expert-parallel group), `model(inputs, targets) -> (loss, metrics)`, `model(inputs) -> logits`,
+expert- and sequence-parallel groups), `model(inputs, targets) -> (loss, metrics)`, `model(inputs) -> logits`,
 `model.flops_per_token(seq_len, experts_per_token)`. `model.family` in the config picks one.
 """
 
@@ -12,8 +12,8 @@ from sparta.platform.lm import LMConfig, TransformerLM
 FAMILIES = {"lm": (LMConfig, TransformerLM), "dlm": (DLMConfig, DiffusionLM)}
 
 
-def build_model(cfg: LMConfig, ep_group=None) -> TransformerLM | DiffusionLM:
-    return FAMILIES[cfg.family][1](cfg, ep_group)
+def build_model(cfg: LMConfig, ep_group=None, sp_group=None) -> TransformerLM | DiffusionLM:
+    return FAMILIES[cfg.family][1](cfg, ep_group, sp_group)
 
 
 def config_from_dict(values: dict) -> LMConfig:

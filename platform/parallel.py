@@ -1,10 +1,21 @@
-"""Expert parallelism for the DeepSpeed engine of every Ray Train worker.
+"""The parallel layout of the Ray Train workers: data x expert x sequence, for their DeepSpeed engines.
 
-Ray Train has created the world process group. megatron-core's `parallel_state` cuts it into the
-expert-parallel groups (ranks that share one copy of the experts, each holding `E / parallel.expert`
-of them, rows travel between them by all-to-all) and the expert-data-parallel groups (ranks that
-hold the same experts and average their gradients). Dense parameters are averaged over the whole
-world, expert parameters over their expert-data group only.
+Ray Train has created the world process group. megatron-core's `parallel_state` cuts it once per
+worker (its context-parallel groups are our sequence-parallel groups):
+- sequence-parallel groups (`parallel.sequence` neighbouring ranks): they read the same samples,
+  each holds a contiguous shard of every sequence, and attention exchanges sequence shards for head
+  shards by all-to-all (DeepSpeed-Ulysses); the data shards are the groups, not the ranks;
+- expert-parallel groups (`parallel.expert` neighbouring ranks): they share one copy of the experts,
+  each holding `E / parallel.expert` of them; rows travel between them by all-to-all (an expert group
+  may coincide with a sequence group: its ranks hold different tokens either way);
+- expert-data-parallel groups: the ranks that hold the same experts and average their gradients.
+Dense parameters are averaged over the whole world, expert parameters over their expert-data group
+only. Each rank's loss is its shard's share, scaled so that the mean over a sequence group is the
+whole sequence's loss: then the world average that DeepSpeed takes is the gradient of the global batch.
+
+Why megatron-core and not DeepSpeed's groups: `parallel_state` builds every group of the layout in one
+call, with the rank order that expert and context parallelism share in Megatron; DeepSpeed only
+builds expert groups, and only from inside `deepspeed.initialize`.
 
 DeepSpeed knows how to do that last part (its ZeRO 1/2 and bf16 optimizers reduce a parameter marked
 `allreduce=False` over the expert-data group named by its `group_name`, dividing by the whole
@@ -13,6 +24,8 @@ machinery on when the model holds one of its own `deepspeed.moe.layer.MoE` layer
 is such a layer with no parameters: DeepSpeed finds it, calls `set_deepspeed_parallelism`, and there
 it registers megatron-core's groups under one name. The MoE layers themselves stay `sparta.moe.MoE`.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,17 +41,32 @@ def expert_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             for p_name, p in module.experts.named_parameters()]
 
 
-def initialize_expert_parallel(expert_size: int) -> tuple[dist.ProcessGroup | None, "nn.Module | None"]:
-    """Build the parallel groups once per worker; returns (expert-parallel group, DeepSpeed marker
-    module to attach to the model), or (None, None) when every rank holds all experts."""
-    if expert_size == 1:
-        return None, None
-    from megatron.core import parallel_state
+@dataclass
+class Layout:
+    """This rank's place in the layout. `data_rank` of `data_shards` picks its samples; a group is None
+    where that dimension is 1; `expert_groups` is the DeepSpeed marker module (with expert groups)."""
+    data_rank: int
+    data_shards: int
+    ep_group: dist.ProcessGroup | None = None
+    sp_group: dist.ProcessGroup | None = None
+    expert_groups: nn.Module | None = None
 
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=expert_size,
-                                             create_gloo_process_groups=False)
-    return parallel_state.get_expert_model_parallel_group(), _deepspeed_marker(
-        parallel_state.get_expert_model_parallel_group(), parallel_state.get_expert_data_parallel_group())
+
+def initialize_parallel(expert: int, sequence: int) -> Layout:
+    """Build the parallel groups once per worker (the world group exists)."""
+    if expert == 1 and sequence == 1:
+        return Layout(dist.get_rank(), dist.get_world_size())
+    from megatron.core import parallel_state as ps
+
+    ps.initialize_model_parallel(context_parallel_size=sequence, expert_model_parallel_size=expert,
+                                 create_gloo_process_groups=False)
+    layout = Layout(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    if sequence > 1:
+        layout.sp_group = ps.get_context_parallel_group()
+    if expert > 1:
+        layout.ep_group = ps.get_expert_model_parallel_group()
+        layout.expert_groups = _deepspeed_marker(layout.ep_group, ps.get_expert_data_parallel_group())
+    return layout
 
 
 def mark_expert_parameters(model: nn.Module, group_name: str) -> None:

@@ -27,7 +27,7 @@ from sparta.platform.config import JobConfig, deepspeed_config
 from sparta.platform.console import log_to_console_file
 from sparta.platform.data import TokenBatches, open_corpus
 from sparta.platform.models import build_model
-from sparta.platform.parallel import initialize_expert_parallel, mark_expert_parameters
+from sparta.platform.parallel import initialize_parallel, mark_expert_parameters
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
 from sparta.platform.tracking import Tracker, system_info
 
@@ -78,12 +78,16 @@ def train(args: WorkerArgs) -> None:
     deepspeed.utils.logger.setLevel("WARNING")
 
     corpus = open_corpus(Path(args.corpus_dir))
-    ep_group, expert_groups = initialize_expert_parallel(job.parallel.expert)
+    layout = initialize_parallel(job.parallel.expert, job.parallel.sequence)
+    ep_group = layout.ep_group
     torch.manual_seed(trainer.seed)  # identical initial weights on every rank, whatever the layout
-    model = build_model(job.lm_config(corpus.vocab_size, corpus.eot_id), ep_group)
-    if expert_groups is not None:
-        model.add_module("expert_groups", expert_groups)
-        mark_expert_parameters(model, expert_groups.expert_group_name)
+    model = build_model(job.lm_config(corpus.vocab_size, corpus.eot_id), ep_group, layout.sp_group)
+    if layout.expert_groups is not None:
+        model.add_module("expert_groups", layout.expert_groups)
+        mark_expert_parameters(model, layout.expert_groups.expert_group_name)
+    if trainer.activation_checkpointing:
+        for block in model.blocks:
+            block.checkpointed = True
     if trainer.compile:
         model.compile()  # in place: parameter names (checkpoints) stay the same
     ds = job.deepspeed
@@ -99,10 +103,10 @@ def train(args: WorkerArgs) -> None:
     step = first_step = state.get("step", 0)
     schedule = chunk_sparsity_schedule(job, model, state.get("chunk_sparsity_schedule"))
 
-    train_batches = TokenBatches(corpus.train, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed)
-    val_batches = TokenBatches(corpus.val, job.data.seq_len, ds.micro_batch_size, rank, world_size, trainer.seed,
-                               shuffle=False)
-    tokens_per_step = world_size * accumulation * ds.micro_batch_size * job.data.seq_len
+    shard = (layout.data_rank, layout.data_shards)  # sequence-parallel ranks read the same samples
+    train_batches = TokenBatches(corpus.train, job.data.seq_len, ds.micro_batch_size, *shard, trainer.seed)
+    val_batches = TokenBatches(corpus.val, job.data.seq_len, ds.micro_batch_size, *shard, trainer.seed, shuffle=False)
+    tokens_per_step = layout.data_shards * accumulation * ds.micro_batch_size * job.data.seq_len
 
     tracker = (Tracker(args.tracking_uri, args.mlflow_run_id, job.tracking.retry_s)
                if rank == 0 and args.mlflow_run_id else None)

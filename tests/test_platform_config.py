@@ -82,6 +82,10 @@ MOE = ("model.ffn=moe", "moe.num_experts=4")
     ((*MOE, "model.first_dense_layers=4"), r"model.first_dense_layers=4: expected < model.n_layers=4"),
     ((*MOE, "moe=blockffn", "moe.chunk_sparsity_coef=0"), r"moe.chunk_sparsity_coef=0: expected > 0 while"),
     (("trainer.chunk_sparsity_schedule.stable_steps=50",), r"trainer.chunk_sparsity_schedule.stable_steps=50: expected > "),
+    (("parallel.sequence=3",), r"parallel.sequence=3: expected a divisor of model.n_heads=4"),
+    (("model.n_kv_heads=2", "parallel.sequence=4"), r"parallel.sequence=4: expected a divisor of model.n_kv_heads=2"),
+    (("data.seq_len=250", "parallel.sequence=4"), r"parallel.sequence=4: expected a divisor of data.seq_len=250"),
+    (("parallel.data=0",), r"parallel.data=0: expected >= 1 or null"),
 ])
 def test_impossible_moe_and_parallel_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -98,11 +102,18 @@ def test_moe_presets_map_onto_the_layer_config():
     assert lm.ffn == "moe" and lm.moe.num_experts == 16 and lm.d_model == 768
 
 
-def test_expert_parallel_size_must_divide_the_workers():
+def test_the_layout_must_fill_the_workers():
     job = compose_job("model.ffn=moe", "moe.num_experts=4", "parallel.expert=4")
-    with pytest.raises(ConfigError, match=r"parallel.expert=4: expected a divisor of the 2 workers"):
+    with pytest.raises(ConfigError, match=r"parallel.expert=4 x parallel.sequence=1: expected a divisor of the 2 workers"):
         plan_workers(job, {"CPU": 2})
     assert plan_workers(job, {"CPU": 16, "GPU": 8}).num_workers == 8
+    job = compose_job("model.ffn=moe", "moe.num_experts=4", "parallel.expert=2", "parallel.sequence=2", "parallel.data=1")
+    with pytest.raises(ConfigError, match=r"parallel.data=1: expected 2, so that parallel.data x parallel.expert x "
+                                          r"parallel.sequence = the 8 workers"):
+        plan_workers(job, {"CPU": 16, "GPU": 8})
+    assert job.parallel.data_shards(4) == 2  # a sequence-parallel pair reads one shard
+    fractional = compose_job("trainer.num_workers=4", "trainer.cpus_per_worker=0.5")
+    assert plan_workers(fractional, {"CPU": 2}).num_workers == 4
 
 
 @pytest.mark.parametrize("uri", ["sqlite:////tmp/x/mlflow.db", "http://127.0.0.1:5000", "file:///tmp/mlruns", "mlruns",

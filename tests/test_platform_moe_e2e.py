@@ -42,6 +42,30 @@ def test_moe_lm_trains_and_logs_per_layer_sparsity(tmp_path, router):
     assert {"expert_load.png", "cls_by_chunk_size.png", "loss_curve.png"} <= artifacts
 
 
+def test_a_data_expert_sequence_layout_of_four_workers_trains_the_losses_of_one(tmp_path):
+    """4 CPU workers as 1 data x 2 expert x 2 sequence (each pair reads the same 2 samples and splits
+    every sequence; the pair's experts are split too), with activation checkpointing, against one
+    worker reading the same 4 samples. The auxiliary losses are off: they are per-shard statistics."""
+    common = ("moe.load_balance_coef=0", "moe.z_loss_coef=0", "trainer.max_steps=8", "trainer.log_every=1",
+              "trainer.eval_every=8", "trainer.checkpoint_every=8", "deepspeed.optimizer.lr=3e-3",
+              "deepspeed.lr_schedule.warmup_steps=1")
+    train(tmp_path, *common, "run_name=one", "trainer.num_workers=1", "deepspeed.micro_batch_size=4",
+          experiment="smoke_moe")
+    output = train(tmp_path, *common, "run_name=grid", "trainer.num_workers=4", "trainer.cpus_per_worker=0.5",
+                   "parallel.expert=2", "parallel.sequence=2", "deepspeed.micro_batch_size=2",
+                   "trainer.activation_checkpointing=true", experiment="smoke_moe")
+    assert "4 CPU workers (data 1 x expert 2 x sequence 2)" in output
+    client, runs = mlflow_runs(tmp_path)
+    for key in ("train/loss", "val/loss"):
+        reference = history(client, runs["one"].info.run_id, key)
+        got = history(client, runs["grid"].info.run_id, key)
+        assert sorted(got) == sorted(reference), key
+        for step in reference:
+            assert got[step][0] == pytest.approx(reference[step][0], rel=LAYOUT_RTOL), (key, step)
+    losses = history(client, runs["one"].info.run_id, "train/loss")
+    assert losses[8][0] < losses[1][0] - 0.05  # the weights move: equal losses mean equal updates
+
+
 def test_expert_parallel_resumes_across_layouts_with_the_same_losses(tmp_path):
     """EP=1 and EP=2 train the same losses; a run checkpointed at EP=2 (ZeRO-2) resumes at EP=1 (ZeRO-1),
     and that one's checkpoint at EP=2 again, each continuing the uninterrupted run's loss curve."""
