@@ -29,9 +29,9 @@ from sparta.attention import SparseAttention, SparseDSchedule
 from sparta.kernels.block_layout import SUPPORTED_BLOCK_SIZES
 from sparta.kernels.block_sparse_attention import SUPPORTED_HEAD_DIMS
 from sparta.platform.lm import Block, LMConfig, TransformerLM, document_ids, run_blocks, shard_or_none, with_aux_losses
+from sparta.platform.noise import NoiseStreams
 
 MASK_EPS = 1e-3  # t is drawn in [MASK_EPS, 1], as LLaDA does, so that 1/t stays bounded
-EVAL_NOISE_SEED = 20250214
 ATTENTION_KINDS = ("dense", "sparsed")
 BACKENDS = ("auto", "triton", "reference")
 
@@ -79,8 +79,7 @@ class DiffusionLM(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self._init_weights(init_seed, ep_group)
-        self._train_noise: torch.Generator | None = None
-        self._eval_draws = 0
+        self.noise = NoiseStreams(sp_group)
 
     # The LM's layout-independent init and its FLOPs count hold unchanged (its attention term already
     # counts the full square that bidirectional attention computes).
@@ -92,7 +91,7 @@ class DiffusionLM(nn.Module):
         return self.cfg.mask_id
 
     def train(self, mode: bool = True):
-        self._eval_draws = 0  # every validation pass restarts its noise: val/loss compares the same draws
+        self.noise.restart_eval()
         return super().train(mode)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None):
@@ -114,7 +113,7 @@ class DiffusionLM(nn.Module):
         return self.head(hidden[:, start:end])[..., :self.cfg.vocab_size]
 
     def diffusion_loss(self, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        noise = self._noise(clean.device)
+        noise = self.noise.next(self.training, clean.device)
         prompt_len = draw_prompt_lengths(clean.shape, self.cfg.prompt_prob, noise, clean.device)
         noisy, masked, p_mask = mask_tokens(clean, self.mask_id, prompt_len, noise)
         doc_ids = document_ids(clean, self.cfg.eot_id) if self.moe_layers and self.cfg.eot_id is not None else None
@@ -127,18 +126,6 @@ class DiffusionLM(nn.Module):
         loss = shards * elbo_loss(logits, clean, masked, p_mask, answer_len)
         return with_aux_losses(loss, auxes, self.cfg.moe)
 
-    def _noise(self, device: torch.device) -> torch.Generator:
-        """Training: this rank's own stream (Ray Train seeds every rank alike, and the same masks on
-        every rank would waste the data-parallel batch). Validation: a fixed stream per pass."""
-        if not self.training:
-            self._eval_draws += 1
-            return torch.Generator(device).manual_seed(EVAL_NOISE_SEED + self._eval_draws)
-        if self._train_noise is None or self._train_noise.device != device:
-            # the data shard's index: a sequence-parallel group (neighbouring ranks) shares one stream
-            shards = 1 if self.sp_group is None else dist.get_world_size(self.sp_group)
-            rank = dist.get_rank() // shards if dist.is_initialized() else 0
-            self._train_noise = torch.Generator(device).manual_seed(torch.initial_seed() + 1 + rank)
-        return self._train_noise
 
 
 def draw_prompt_lengths(shape: torch.Size, prompt_prob: float, generator: torch.Generator,

@@ -204,19 +204,27 @@ class TransformerLM(nn.Module):
         top-k without drops) plus attention scores and values, 12 * n_layers * d_model * seq_len (the
         PaLM / Megatron convention, causal half included). Embedding lookups are not FLOPs."""
         cfg = self.cfg
-        experts = {id(param) for _, param in expert_parameters(self)}
-        active = 0
-        for layer, block in enumerate(self.blocks):
-            for param in block.parameters():
-                if param.dim() < 2:
-                    continue
-                if id(param) in experts:
-                    per_token = (ffn_experts_per_token or {}).get(layer, cfg.moe.top_k)
-                    active += param.numel() // param.shape[0] * per_token  # one expert's weights
-                else:
-                    active += param.numel()
-        active += self.head.weight.numel()
+        layers = ((layer, block.parameters()) for layer, block in enumerate(self.blocks))
+        active = active_weights(self, layers, ffn_experts_per_token) + self.head.weight.numel()
         return 6.0 * active + 12.0 * cfg.n_layers * cfg.d_model * seq_len
+
+
+def active_weights(model: nn.Module, layers, experts_per_token: dict[int, float] | None) -> int:
+    """The matmul weights one token goes through in `layers` ((layer index, its parameters)): a routed
+    expert's counted as many times as the token uses that layer's experts (`experts_per_token[layer]`,
+    the measured average; else the router's top_k)."""
+    experts = {id(param) for _, param in expert_parameters(model)}
+    active = 0
+    for layer, params in layers:
+        for param in params:
+            if param.dim() < 2:
+                continue
+            if id(param) in experts:
+                per_token = (experts_per_token or {}).get(layer, model.cfg.moe.top_k)
+                active += param.numel() // param.shape[0] * per_token  # one expert's weights
+            else:
+                active += param.numel()
+    return active
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, doc_ids: torch.Tensor | None,

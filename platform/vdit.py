@@ -38,18 +38,16 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from sparta.attention import SparseAttention, TileOrder, VideoGrid, invert_permutation
 from sparta.attention.module import BACKENDS
 from sparta.moe import MoE, MoEConfig
-from sparta.platform.lm import FFN_KINDS, LMConfig, SwiGLU, TransformerLM, run_blocks, with_aux_losses
-from sparta.platform.parallel import expert_parameters
+from sparta.platform.lm import FFN_KINDS, LMConfig, SwiGLU, TransformerLM, active_weights, run_blocks, with_aux_losses
+from sparta.platform.noise import NoiseStreams
 
 TIME_FEATURES = 256         # sinusoidal timestep features (DiT's)
-EVAL_NOISE_SEED = 20250315  # validation draws: every pass compares the same noise, t and labels
 
 
 @dataclass
@@ -185,8 +183,7 @@ class VideoDiT(nn.Module):
         self.final_modulation = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, cfg.patch_dim)
         self._init_weights(init_seed, ep_group)
-        self._train_noise: torch.Generator | None = None
-        self._eval_draws = 0
+        self.noise = NoiseStreams()
 
     def _init_weights(self, seed: int, ep_group) -> None:
         """The LM's layout-independent init (each weight drawn whole from a generator seeded by `seed`
@@ -202,7 +199,7 @@ class VideoDiT(nn.Module):
                 module.weight.zero_()
 
     def train(self, mode: bool = True):
-        self._eval_draws = 0  # every validation pass restarts its draws: val/loss compares the same ones
+        self.noise.restart_eval()
         return super().train(mode)
 
     # ---- tokens -------------------------------------------------------------------------------------
@@ -245,20 +242,9 @@ class VideoDiT(nn.Module):
         self._check_inputs(videos, labels, "videos")
         x0 = videos.float()
         dropout = self.cfg.class_dropout if self.training else 0.0
-        noise, t, labels = draw_flow_inputs(x0, labels, dropout, self.cfg.null_class, self._noise(x0.device))
+        noise, t, labels = draw_flow_inputs(x0, labels, dropout, self.cfg.null_class, self.noise.next(self.training, x0.device))
         prediction, auxes = self._predict(interpolate(x0, noise, t), t, labels)
         return with_aux_losses(flow_matching_loss(prediction, x0, noise), auxes, self.cfg.moe)
-
-    def _noise(self, device: torch.device) -> torch.Generator:
-        """Training: this rank's own stream (Ray Train seeds every rank alike, and the same noise on
-        every rank would waste the data-parallel batch). Validation: a fixed stream per pass."""
-        if not self.training:
-            self._eval_draws += 1
-            return torch.Generator(device).manual_seed(EVAL_NOISE_SEED + self._eval_draws)
-        if self._train_noise is None or self._train_noise.device != device:
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            self._train_noise = torch.Generator(device).manual_seed(torch.initial_seed() + 1 + rank)
-        return self._train_noise
 
     def _check_inputs(self, videos: torch.Tensor, labels: torch.Tensor, name: str) -> None:
         cfg = self.cfg
@@ -279,17 +265,10 @@ class VideoDiT(nn.Module):
         `seq_len` keys (bidirectional; lm.py's convention, which counts the causal half too). The
         conditioning (timestep MLP, class embedding, modulations) runs once per clip, not per token."""
         cfg = self.cfg
-        experts = {id(param) for _, param in expert_parameters(self)}
-        active = self.patch_embed.weight.numel() + self.final.weight.numel()
-        for layer, block in enumerate(self.blocks):
-            for param in [*block.attention.parameters(), *block.ffn.parameters()]:
-                if param.dim() < 2:
-                    continue
-                if id(param) in experts:
-                    per_token = (experts_per_token or {}).get(layer, cfg.moe.top_k)
-                    active += param.numel() // param.shape[0] * per_token  # one expert's weights
-                else:
-                    active += param.numel()
+        layers = ((layer, [*block.attention.parameters(), *block.ffn.parameters()])
+                  for layer, block in enumerate(self.blocks))
+        active = active_weights(self, layers, experts_per_token)
+        active += self.patch_embed.weight.numel() + self.final.weight.numel()
         return 6.0 * active + 12.0 * cfg.n_layers * cfg.d_model * seq_len
 
 

@@ -13,8 +13,8 @@ from sparta.attention import BlockLayout, SparseAttention, TileOrder, VideoGrid
 from sparta.attention.module import rotary_angles_3d
 from sparta.attention.video import tiles
 from sparta.moe import MoEConfig
+from sparta.platform.noise import EVAL_SEED
 from sparta.platform.vdit import (
-    EVAL_NOISE_SEED,
     TileMajorAttention,
     VDiTConfig,
     VideoDiT,
@@ -163,7 +163,7 @@ def test_the_models_loss_is_the_direct_formula_on_its_draws():
     torch.nn.init.normal_(model.final.weight, std=0.02)  # a velocity that is not 0
     videos, labels = torch.randn(2, 3, 8, 32, 32), torch.tensor([3, 7])
     loss, metrics = model(videos, labels)
-    noise, t, drawn = draw_flow_inputs(videos, labels, 0.0, 16, torch.Generator().manual_seed(EVAL_NOISE_SEED + 1))
+    noise, t, drawn = draw_flow_inputs(videos, labels, 0.0, 16, torch.Generator().manual_seed(EVAL_SEED + 1))
     assert torch.equal(drawn, labels)  # no class dropout in evaluation
     x_t = (1 - t)[:, None, None, None, None] * videos + t[:, None, None, None, None] * noise
     expected = ((model.velocity(x_t, t, labels) - (noise - videos)) ** 2).mean()
