@@ -28,7 +28,7 @@ def build(overrides: list[str]) -> tuple[TransformerLM, JobConfig]:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     job = JobConfig.from_dict(OmegaConf.to_container(cfg, resolve=True))
-    model = TransformerLM(job.lm_config(job.data.vocab_size, eot_id=0))
+    model = TransformerLM(job.model_config(job.data.vocab_size, eot_id=0))
     return model.cuda().to(torch.bfloat16), job
 
 

@@ -16,6 +16,8 @@ from sparta.moe import MoEConfig
 from sparta.platform.data import TOKEN_DTYPES, check_corpus
 from sparta.platform.lm import FFN_KINDS, LMConfig
 from sparta.platform.models import FAMILIES
+from sparta.platform.vdit import VDiTConfig
+from sparta.platform.video_data import NUM_CLASSES, PROCEDURAL_VIDEO, VideoDataConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = {"adamw": "AdamW", "adam": "Adam"}
@@ -32,11 +34,28 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
+    """A data group sets the keys of its kind; the others keep these defaults and are not used."""
     corpus: str
-    vocab_size: int
-    token_dtype: str
-    seq_len: int
-    val_fraction: float
+    # token corpora: python_docs, python_source, your own files
+    seq_len: int = 256
+    vocab_size: int = 8192
+    token_dtype: str = "uint16"
+    val_fraction: float = 0.02
+    # the procedural video source (corpus: procedural_video)
+    frames: int = 8
+    height: int = 32
+    width: int = 32
+    channels: int = 3
+    fps: float = 8.0
+    val_clips: int = 64
+
+    @property
+    def is_video(self) -> bool:
+        return self.corpus == PROCEDURAL_VIDEO
+
+    def video(self, seed: int) -> VideoDataConfig:
+        return VideoDataConfig(frames=self.frames, height=self.height, width=self.width, channels=self.channels,
+                               fps=self.fps, seed=seed, val_clips=self.val_clips)
 
 
 @dataclass(frozen=True)
@@ -120,10 +139,19 @@ class TrackingConfig:
     retry_s: float
 
 
-# model.* are the fields of the config of the family that model.family names (LMConfig, DLMConfig); the
-# vocabulary and end-of-text token come from the tokenizer, the MoE layers' config from the `moe` group.
+# model.* are the fields of the config of the family that model.family names (LMConfig, DLMConfig, VDiTConfig);
+# the others are set from elsewhere (DERIVED_KEYS).
+# The video DiT's clip size and classes come from the data.
+DERIVED_KEYS = {"vocab_size": "the tokenizer", "eot_id": "the tokenizer", "moe": "the moe group", "frames": "the data",
+                "height": "the data", "width": "the data", "in_channels": "the data", "num_classes": "the data"}
+
+
+VIDEO_SIZE_KEYS = {"model.frames": "data.frames", "model.height": "data.height", "model.width": "data.width",
+                   "model.in_channels": "data.channels"}
+
+
 def model_keys(family: str) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(FAMILIES[family][0]) if f.name not in ("vocab_size", "eot_id", "moe"))
+    return tuple(f.name for f in fields(FAMILIES[family][0]) if f.name not in DERIVED_KEYS)
 
 
 MOE_KEYS = tuple(f.name for f in fields(MoEConfig))
@@ -146,24 +174,42 @@ class JobConfig:
     def from_dict(cls, tree: dict) -> "JobConfig":
         job = _build(cls, tree, "")
         _check_model(job.model)
+        if (job.model["family"] == "vdit") != job.data.is_video:
+            expected = PROCEDURAL_VIDEO if job.model["family"] == "vdit" else "a token corpus (python_docs, ...)"
+            raise ConfigError(f"data.corpus={job.data.corpus!r}: expected {expected} for "
+                              f"model.family={job.model['family']}")
         _check_ranges(job)
         if job.model["ffn"] == "moe":
             _check_moe(job)
         try:
-            job.lm_config(job.data.vocab_size)  # the family's own checks (model.prompt_prob, ...)
+            job.model_config(job.data.vocab_size)  # the family's and the data's own checks (model.prompt_prob, ...)
+            if job.data.is_video:
+                job.data.video(job.trainer.seed)
+            else:
+                check_corpus(job.data.corpus, job.data.vocab_size, job.data.token_dtype)
         except ValueError as error:
-            raise ConfigError(str(error)) from None
-        try:
-            check_corpus(job.data.corpus, job.data.vocab_size, job.data.token_dtype)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+            message = str(error)
+            if job.data.is_video:  # the clip size is set under data.*, whatever the model config calls it
+                for model_key, data_key in VIDEO_SIZE_KEYS.items():
+                    message = message.replace(model_key, data_key)
+            raise ConfigError(message) from None
         return job
 
     def moe_config(self) -> MoEConfig | None:
         return MoEConfig(**self.moe) if self.model["ffn"] == "moe" else None
 
-    def lm_config(self, vocab_size: int, eot_id: int | None = None) -> LMConfig:
+    def model_config(self, vocab_size: int | None = None, eot_id: int | None = None) -> LMConfig | VDiTConfig:
+        """The family's config: `model.*` plus what the tokenizer (`vocab_size`, `eot_id`) or the video
+        source sets."""
+        if self.data.is_video:
+            d = self.data
+            return VDiTConfig(frames=d.frames, height=d.height, width=d.width, in_channels=d.channels,
+                              num_classes=NUM_CLASSES, moe=self.moe_config(), **self.model)
         return FAMILIES[self.model["family"]][0](vocab_size=vocab_size, eot_id=eot_id, moe=self.moe_config(), **self.model)
+
+    def tokens_per_sample(self) -> int:
+        """What tokens/s and MFU count: a window's tokens, or a clip's patches."""
+        return self.model_config().grid.tokens if self.data.is_video else self.data.seq_len
 
 
 def _build(cls, tree, path: str):
@@ -177,10 +223,11 @@ def _build(cls, tree, path: str):
             raise ConfigError(f"{_join(path, key)}: unknown key; allowed keys under {where}: {', '.join(allowed)}")
     hints = typing.get_type_hints(cls)
     values = {}
-    for name in allowed:
-        if name not in tree:
-            raise ConfigError(f"{_join(path, name)}: missing (expected {_describe(hints[name])})")
-        values[name] = _convert(hints[name], tree[name], _join(path, name))
+    for field in fields(cls):
+        if field.name in tree:
+            values[field.name] = _convert(hints[field.name], tree[field.name], _join(path, field.name))
+        elif field.default is dataclasses.MISSING:
+            raise ConfigError(f"{_join(path, field.name)}: missing (expected {_describe(hints[field.name])})")
     return cls(**values)
 
 
@@ -224,7 +271,7 @@ def _check_model(model: dict) -> None:
     keys = model_keys(family)
     for key in model:
         if key not in keys:
-            hint = " (it is set by the tokenizer)" if key == "vocab_size" else ""
+            hint = f" (it is set by {DERIVED_KEYS[key]})" if key in DERIVED_KEYS else ""
             raise ConfigError(f"model.{key}: unknown key{hint}; allowed keys under model with model.family={family}: "
                               f"{', '.join(keys)}")
     hints = typing.get_type_hints(FAMILIES[family][0])
@@ -265,19 +312,11 @@ def _check_ranges(job: JobConfig) -> None:
         (ep >= 1, "parallel.expert", ">= 1", ep),
         (ep == 1 or m["ffn"] == "moe", "parallel.expert", "1 for model.ffn=dense (no experts to shard)", ep),
         (sp >= 1, "parallel.sequence", ">= 1", sp),
-        *[(sp == 1 or m[k] % sp == 0, "parallel.sequence", f"a divisor of model.{k}={m[k]} (each rank attends with "
-           "its share of the heads)", sp) for k in ("n_heads", "n_kv_heads")],
-        (sp == 1 or d.seq_len % sp == 0, "parallel.sequence", f"a divisor of data.seq_len={d.seq_len} (each rank "
-         "holds an equal shard of the sequence)", sp),
         (m["ffn"] == "dense" or ds.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
          "0, 1 or 2 with model.ffn=moe (ZeRO-3 does not gather the grouped experts' weights for their backward)",
          ds.zero_stage),
-        *[(m[k] > 0, f"model.{k}", "> 0", m[k]) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")],
-        (m["d_model"] % m["n_heads"] == 0 and (m["d_model"] // m["n_heads"]) % 2 == 0, "model.n_heads",
-         f"a divisor of model.d_model={m['d_model']} leaving an even head dim", m["n_heads"]),
-        (m["n_heads"] % m["n_kv_heads"] == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m['n_heads']}", m["n_kv_heads"]),
-        (0 < d.seq_len <= m["max_seq_len"], "data.seq_len", f"in 1..model.max_seq_len={m['max_seq_len']}", d.seq_len),
-        (0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction),
+        *([] if d.is_video else _token_model_checks(m, d, sp)),
+        (sp == 1 or not d.is_video, "parallel.sequence", "1 for model.family=vdit (its tokens are not split yet)", sp),
         (t.num_workers is None or t.num_workers >= 1, "trainer.num_workers", ">= 1 or null (one per GPU, else 2)", t.num_workers),
         (t.cpus_per_worker > 0, "trainer.cpus_per_worker", "> 0 (a fraction shares a CPU)", t.cpus_per_worker),
         *[(getattr(t, k) >= 1, f"trainer.{k}", ">= 1", getattr(t, k))
@@ -293,7 +332,6 @@ def _check_ranges(job: JobConfig) -> None:
                f"> trainer.chunk_sparsity_schedule.window_steps={t.chunk_sparsity_schedule.window_steps}"),
               (t.chunk_sparsity_schedule.max_factor >= 1, "max_factor", ">= 1"),
               (t.chunk_sparsity_schedule.min_factor >= 1, "min_factor", ">= 1"))],
-        (d.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {', '.join(TOKEN_DTYPES)}", d.token_dtype),
         (ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "one of 0, 1, 2, 3", ds.zero_stage),
         (ds.precision in PRECISIONS, "deepspeed.precision", f"one of {', '.join(PRECISIONS)}", ds.precision),
         (ds.gradient_clipping >= 0, "deepspeed.gradient_clipping", ">= 0 (0 disables clipping)", ds.gradient_clipping),
@@ -321,6 +359,23 @@ def _check_ranges(job: JobConfig) -> None:
     for ok, key, expected, got in checks:
         if not ok:
             raise ConfigError(f"{key}={got!r}: expected {expected}")
+
+
+def _token_model_checks(m: dict, d: DataConfig, sp: int) -> list[tuple]:
+    """`_check_ranges`' checks of the language-model families and their token windows."""
+    return [
+        *[(m[k] > 0, f"model.{k}", "> 0", m[k]) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")],
+        (m["d_model"] % m["n_heads"] == 0 and (m["d_model"] // m["n_heads"]) % 2 == 0, "model.n_heads",
+         f"a divisor of model.d_model={m['d_model']} leaving an even head dim", m["n_heads"]),
+        (m["n_heads"] % m["n_kv_heads"] == 0, "model.n_kv_heads", f"a divisor of model.n_heads={m['n_heads']}", m["n_kv_heads"]),
+        (0 < d.seq_len <= m["max_seq_len"], "data.seq_len", f"in 1..model.max_seq_len={m['max_seq_len']}", d.seq_len),
+        (0 < d.val_fraction <= 0.5, "data.val_fraction", "in (0, 0.5]", d.val_fraction),
+        (d.token_dtype in TOKEN_DTYPES, "data.token_dtype", f"one of {', '.join(TOKEN_DTYPES)}", d.token_dtype),
+        *[(sp == 1 or m[k] % sp == 0, "parallel.sequence", f"a divisor of model.{k}={m[k]} (each rank attends with "
+           "its share of the heads)", sp) for k in ("n_heads", "n_kv_heads")],
+        (sp == 1 or d.seq_len % sp == 0, "parallel.sequence", f"a divisor of data.seq_len={d.seq_len} (each rank "
+         "holds an equal shard of the sequence)", sp),
+    ]
 
 
 def _tracking_uri_ok(uri: str) -> bool:

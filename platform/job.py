@@ -71,7 +71,7 @@ def joins_cluster(job: JobConfig) -> bool:
     return job.cluster.address is not None or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def connect_ray(job: JobConfig, corpus: Corpus) -> WorkerPlan:
+def connect_ray(job: JobConfig, corpus: Corpus | None) -> WorkerPlan:
     """Join the configured cluster, or start a Ray instance sized to this machine; plan the workers
     against its resources and check that the corpus fills their batches, before any worker starts
     (and, locally, before Ray starts)."""
@@ -92,8 +92,14 @@ def connect_ray(job: JobConfig, corpus: Corpus) -> WorkerPlan:
     return plan
 
 
-def check_batches(job: JobConfig, corpus: Corpus, num_workers: int) -> None:
-    """Both splits hold at least one global micro-batch of windows (else every worker would fail on it)."""
+def check_batches(job: JobConfig, corpus: Corpus | None, num_workers: int) -> None:
+    """Both splits hold at least one global micro-batch of windows or clips (else every worker would fail on it)."""
+    batch = job.deepspeed.micro_batch_size * job.parallel.data_shards(num_workers)
+    if corpus is None:  # the video source: clips without end, a fixed validation set
+        if job.data.val_clips < batch:
+            raise ConfigError(f"data.val_clips={job.data.val_clips}: expected at least one global micro-batch, {batch} "
+                              "clips (deepspeed.micro_batch_size x the data shards)")
+        return
     try:
         for split, tokens in (("the train", corpus.train), ("the validation", corpus.val)):
             count_windows(len(tokens), job.data.seq_len, job.deepspeed.micro_batch_size,
@@ -123,13 +129,15 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     if not job.verbose:
         quiet_driver()
     data = job.data
-    corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
-    corpus = open_corpus(corpus_dir)
+    corpus_dir, corpus = "", None  # the video source makes its clips in the workers
+    if not data.is_video:
+        corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
+        corpus = open_corpus(corpus_dir)
     plan = connect_ray(job, corpus)
     tracker = Tracker(default_tracking_uri(job.tracking.uri, root), retry_s=job.tracking.retry_s)
     resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
     if not resumed:
-        tracker.log_params({**params, **corpus.params})
+        tracker.log_params({**params, **(corpus.params if corpus else {"data.tokens_per_clip": job.tokens_per_sample()})})
         tracker.log_text(resolved_yaml, "config.yaml")
         tracker.set_tags({CHECKPOINT_DIR_TAG: str(run_dir)})
     p = job.parallel

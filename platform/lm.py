@@ -109,11 +109,21 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class Block(nn.Module):
+class CheckpointedBlock(nn.Module):
+    """A block whose work is `_forward`. `checkpointed` (set by the trainer's `activation_checkpointing`):
+    keep only the block's inputs for the backward and run the block again there."""
+
+    checkpointed = False
+
+    def forward(self, *args):
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(self._forward, *args, use_reentrant=False)
+        return self._forward(*args)
+
+
+class Block(CheckpointedBlock):
     """`attention`: this block's attention module (default: the LM's causal one); it is called as
-    `attention(norm(x), *attention_args)`, the LM passing its rotary tables. `checkpointed` (set by
-    the trainer's `activation_checkpointing`): keep only the block's input for the backward and run
-    the block again there."""
+    `attention(norm(x), *attention_args)`, the LM passing its rotary tables."""
 
     def __init__(self, cfg: LMConfig, layer: int, ep_group=None, attention: nn.Module | None = None, sp_group=None):
         super().__init__()
@@ -121,15 +131,9 @@ class Block(nn.Module):
         self.attention = Attention(cfg, sp_group) if attention is None else attention
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = MoE(cfg.d_model, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(cfg.d_model, cfg.d_ff)
-        self.checkpointed = False
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, prev_router_logits: torch.Tensor | None,
-                *attention_args) -> tuple[torch.Tensor, MoEAux | None]:
-        if self.checkpointed and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, doc_ids, prev_router_logits, *attention_args, use_reentrant=False)
-        return self._forward(x, doc_ids, prev_router_logits, *attention_args)
-
-    def _forward(self, x, doc_ids, prev_router_logits, *attention_args):
+    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, prev_router_logits: torch.Tensor | None,
+                 *attention_args) -> tuple[torch.Tensor, MoEAux | None]:
         x = x + self.attention(self.attention_norm(x), *attention_args)
         if not isinstance(self.ffn, MoE):
             return x + self.ffn(self.ffn_norm(x)), None

@@ -8,15 +8,16 @@ expert- and sequence-parallel groups), `model(inputs, targets) -> (loss, metrics
 from sparta.moe import MoEConfig
 from sparta.platform.dlm import DiffusionLM, DLMConfig
 from sparta.platform.lm import LMConfig, TransformerLM
+from sparta.platform.vdit import VDiTConfig, VideoDiT
 
-FAMILIES = {"lm": (LMConfig, TransformerLM), "dlm": (DLMConfig, DiffusionLM)}
+FAMILIES = {"lm": (LMConfig, TransformerLM), "dlm": (DLMConfig, DiffusionLM), "vdit": (VDiTConfig, VideoDiT)}
 
 
-def build_model(cfg: LMConfig, ep_group=None, sp_group=None) -> TransformerLM | DiffusionLM:
+def build_model(cfg: LMConfig | VDiTConfig, ep_group=None, sp_group=None) -> TransformerLM | DiffusionLM | VideoDiT:
     return FAMILIES[cfg.family][1](cfg, ep_group, sp_group)
 
 
-def config_from_dict(values: dict) -> LMConfig:
+def config_from_dict(values: dict) -> LMConfig | VDiTConfig:
     """A model config saved with `dataclasses.asdict` (checkpoints, exports); no family: the LM's."""
     values = dict(values)
     if values.get("moe") is not None:

@@ -44,7 +44,16 @@ from torch import nn
 from sparta.attention import SparseAttention, TileOrder, VideoGrid, invert_permutation
 from sparta.attention.module import BACKENDS
 from sparta.moe import MoE, MoEConfig
-from sparta.platform.lm import FFN_KINDS, LMConfig, SwiGLU, TransformerLM, active_weights, run_blocks, with_aux_losses
+from sparta.platform.lm import (
+    FFN_KINDS,
+    CheckpointedBlock,
+    LMConfig,
+    SwiGLU,
+    TransformerLM,
+    active_weights,
+    run_blocks,
+    with_aux_losses,
+)
 from sparta.platform.noise import NoiseStreams
 
 TIME_FEATURES = 256         # sinusoidal timestep features (DiT's)
@@ -134,7 +143,7 @@ class TileMajorAttention(SparseAttention):
         return super()._rotary_angles(tokens, device)[self.order.permutation(device)]
 
 
-class DiTBlock(nn.Module):
+class DiTBlock(CheckpointedBlock):
     """Attention and FFN branches, each AdaLN-zero modulated by the conditioning `cond` [B, d_model].
 
     Called by `lm.run_blocks` as `block(x, doc_ids, prev_router_logits, cond)`, as the LM's blocks are.
@@ -150,8 +159,8 @@ class DiTBlock(nn.Module):
         self.ffn = MoE(d, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.d_ff)
         self.modulation = nn.Linear(d, 6 * d)
 
-    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, prev_router_logits: torch.Tensor | None,
-                cond: torch.Tensor):
+    def _forward(self, x: torch.Tensor, doc_ids: torch.Tensor | None, prev_router_logits: torch.Tensor | None,
+                 cond: torch.Tensor):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulation(F.silu(cond))[:, None].chunk(6, dim=-1)
         x = x + gate_a * self.attention(modulate(self.attention_norm(x), shift_a, scale_a))
         h = modulate(self.ffn_norm(x), shift_f, scale_f)
@@ -168,8 +177,10 @@ class VideoDiT(nn.Module):
     labels)` for sampling; `flops_per_token` for MFU. ep_group: as the LM's (`platform/lm.py`).
     """
 
-    def __init__(self, cfg: VDiTConfig, ep_group=None):
+    def __init__(self, cfg: VDiTConfig, ep_group=None, sp_group=None):
         super().__init__()
+        if sp_group is not None:
+            raise ValueError("parallel.sequence: the video DiT does not split its tokens over ranks yet; expected 1")
         self.cfg = cfg
         init_seed = int(torch.randint(0, 2**62, ()))  # before the layers draw their own (layout-dependent) inits
         self.order = TileOrder(cfg.grid, cfg.tile)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+PROCEDURAL_VIDEO = "procedural_video"  # its name as `data.corpus`
 SHAPES = ("disc", "square", "triangle", "ring")
 MOTIONS = ("translate", "orbit", "spin", "zoom")
 NUM_CLASSES = len(SHAPES) * len(MOTIONS)

@@ -30,6 +30,7 @@ from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_parallel, mark_expert_parameters
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
 from sparta.platform.tracking import Tracker, system_info
+from sparta.platform.video_data import VideoBatches
 
 # Ray Train routes worker logging (and print) to the driver's console and to its log files.
 log = logging.getLogger("sparta")
@@ -77,11 +78,13 @@ def train(args: WorkerArgs) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.use_gpu else torch.device("cpu")
     deepspeed.utils.logger.setLevel("WARNING")
 
-    corpus = open_corpus(Path(args.corpus_dir))
     layout = initialize_parallel(job.parallel.expert, job.parallel.sequence)
     ep_group = layout.ep_group
+    ds = job.deepspeed
+    # sequence-parallel ranks read the same samples
+    train_batches, val_batches, model_config = open_data(job, args.corpus_dir, layout.data_rank, layout.data_shards)
     torch.manual_seed(trainer.seed)  # identical initial weights on every rank, whatever the layout
-    model = build_model(job.lm_config(corpus.vocab_size, corpus.eot_id), ep_group, layout.sp_group)
+    model = build_model(model_config, ep_group, layout.sp_group)
     if layout.expert_groups is not None:
         model.add_module("expert_groups", layout.expert_groups)
         mark_expert_parameters(model, layout.expert_groups.expert_group_name)
@@ -90,7 +93,6 @@ def train(args: WorkerArgs) -> None:
             block.checkpointed = True
     if trainer.compile:
         model.compile()  # in place: parameter names (checkpoints) stay the same
-    ds = job.deepspeed
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=weight_decay_groups(model, ds.optimizer.weight_decay),
@@ -103,10 +105,8 @@ def train(args: WorkerArgs) -> None:
     step = first_step = state.get("step", 0)
     schedule = chunk_sparsity_schedule(job, model, state.get("chunk_sparsity_schedule"))
 
-    shard = (layout.data_rank, layout.data_shards)  # sequence-parallel ranks read the same samples
-    train_batches = TokenBatches(corpus.train, job.data.seq_len, ds.micro_batch_size, *shard, trainer.seed)
-    val_batches = TokenBatches(corpus.val, job.data.seq_len, ds.micro_batch_size, *shard, trainer.seed, shuffle=False)
-    tokens_per_step = layout.data_shards * accumulation * ds.micro_batch_size * job.data.seq_len
+    seq_len = job.tokens_per_sample()
+    tokens_per_step = layout.data_shards * accumulation * ds.micro_batch_size * seq_len
 
     tracker = (Tracker(args.tracking_uri, args.mlflow_run_id, job.tracking.retry_s)
                if rank == 0 and args.mlflow_run_id else None)
@@ -115,12 +115,12 @@ def train(args: WorkerArgs) -> None:
     if tracker:
         tracker.set_tags({**system_info(), "system.world_size": world_size,
                           "system.device": torch.cuda.get_device_name() if args.use_gpu else "cpu"})
-    progress = Progress(trainer.max_steps, step) if rank == 0 else None
+    progress = Progress(trainer.max_steps, step, perplexity=not job.data.is_video) if rank == 0 else None
     writer = checkpoint.CheckpointWriter(run_dir, trainer.keep_checkpoints) if rank == 0 else None
     peak = peak_tflops(trainer.peak_tflops, args.use_gpu)
     expert_loads = ExpertLoadHistory.from_state(state.get("expert_load"))
     # What a checkpoint needs to be found and rebuilt on its own (launch/export.py, launch/eval.py).
-    run_record = {"model_config": asdict(model.cfg), "corpus_dir": args.corpus_dir, "seq_len": job.data.seq_len,
+    run_record = {"model_config": asdict(model.cfg), "corpus_dir": args.corpus_dir, "seq_len": seq_len,
                   "mlflow_run_id": args.mlflow_run_id, "tracking_uri": args.tracking_uri}
 
     # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
@@ -178,7 +178,7 @@ def train(args: WorkerArgs) -> None:
             metrics["train/tokens_per_s"] = tokens_per_s
             if peak and "train/loss" in metrics:
                 metrics["train/mfu"] = tokens_per_s / world_size * model.flops_per_token(
-                    job.data.seq_len, layer_experts_per_token(metrics)) / (peak * 1e12)
+                    seq_len, layer_experts_per_token(metrics)) / (peak * 1e12)
             progress.show(step, metrics)
         if tracker and metrics:
             tracker.log_metrics(metrics, step)
@@ -199,6 +199,21 @@ def train(args: WorkerArgs) -> None:
             outcome.update({"mlflow/unsent_batches": tracker.unsent_batches,
                             "mlflow/recorded_through": tracker.recorded_through})
         write_outcome(run_dir, outcome)
+
+
+def open_data(job: JobConfig, corpus_dir: str, shard: int, shards: int):
+    """This data shard's train and validation batches (`get(index) -> (inputs, targets)`) and the model
+    config they fit: token windows of the prepared corpus, or clips of the procedural video source."""
+    ds, seed = job.deepspeed, job.trainer.seed
+    if job.data.is_video:
+        video = job.data.video(seed)
+        return (VideoBatches(video, ds.micro_batch_size, shard, shards, "train"),
+                VideoBatches(video, ds.micro_batch_size, shard, shards, "val"), job.model_config())
+    corpus = open_corpus(Path(corpus_dir))
+    seq_len = job.data.seq_len
+    return (TokenBatches(corpus.train, seq_len, ds.micro_batch_size, shard, shards, seed),
+            TokenBatches(corpus.val, seq_len, ds.micro_batch_size, shard, shards, seed, shuffle=False),
+            job.model_config(corpus.vocab_size, corpus.eot_id))
 
 
 class MetricSums:
@@ -326,8 +341,9 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 
 @torch.no_grad()
-def evaluate(engine, batches: TokenBatches, max_batches: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy (without the MoE auxiliary losses) over the validation batches."""
+def evaluate(engine, batches: TokenBatches | VideoBatches, max_batches: int, device: torch.device) -> float:
+    """The model's mean `loss` metric (its task loss without the MoE auxiliary losses: next-token
+    cross-entropy, the diffusion bound, flow matching) over the validation batches."""
     engine.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, batch count
     for index in range(min(max_batches, batches.num_batches)):
@@ -385,8 +401,8 @@ def inject_failure_once(run_dir: Path, step: int) -> None:
 class Progress:
     """Rank 0's console line: step, loss, sparsity, tokens/s and ETA since this launch (or resume) started."""
 
-    def __init__(self, max_steps: int, first_step: int):
-        self.max_steps, self.first_step = max_steps, first_step
+    def __init__(self, max_steps: int, first_step: int, perplexity: bool = True):
+        self.max_steps, self.first_step, self.perplexity = max_steps, first_step, perplexity
         self.start = self.last = time.perf_counter()
         self.last_step = first_step
         if first_step:
@@ -414,7 +430,8 @@ class Progress:
             parts.append(f"tls {metrics['moe/tls']:.1%} cls8 {metrics['moe/cls8']:.1%}"
                          + (f" zc slots {zero_computation:.1%}" if "moe/zero_slot_fraction" in metrics else ""))
         if "val/loss" in metrics:
-            parts.append(f"val {metrics['val/loss']:.4f} (ppl {math.exp(metrics['val/loss']):.1f})")
+            ppl = f" (ppl {math.exp(metrics['val/loss']):.1f})" if self.perplexity else ""  # a cross-entropy's
+            parts.append(f"val {metrics['val/loss']:.4f}{ppl}")
         parts.append(f"{metrics['train/tokens_per_s'] / 1000:.1f}k tok/s")
         if "train/mfu" in metrics:
             parts.append(f"mfu {metrics['train/mfu']:.1%}")

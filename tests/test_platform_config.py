@@ -28,9 +28,10 @@ def compose_job(*overrides: str) -> JobConfig:
 def test_default_and_every_group_option_compose_and_validate():
     job = compose_job()
     assert job.deepspeed.zero_stage == 2 and job.cluster.name == "local" and job.model["d_model"] == 128
+    video = {"vdit_tiny": "data=procedural_video", "procedural_video": "model=vdit_tiny"}  # each needs the other
     for group in ("model", "moe", "data", "trainer", "deepspeed", "cluster", "experiment"):
         for option in sorted((CONFIGS / group).glob("*.yaml")):
-            compose_job(f"{group}={option.stem}")
+            compose_job(f"{group}={option.stem}", *([video[option.stem]] if option.stem in video else []))
     small_gpu = compose_job("experiment=small_gpu")
     assert small_gpu.model["d_model"] == 512 and small_gpu.data.seq_len == 512
 
@@ -86,6 +87,12 @@ MOE = ("model.ffn=moe", "moe.num_experts=4")
     (("model.n_kv_heads=2", "parallel.sequence=4"), r"parallel.sequence=4: expected a divisor of model.n_kv_heads=2"),
     (("data.seq_len=250", "parallel.sequence=4"), r"parallel.sequence=4: expected a divisor of data.seq_len=250"),
     (("parallel.data=0",), r"parallel.data=0: expected >= 1 or null"),
+    (("model=vdit_tiny",), r"data.corpus='python_docs': expected procedural_video for model.family=vdit"),
+    (("data=procedural_video",), r"data.corpus=.procedural_video.: expected a token corpus .* for model.family=lm"),
+    (("experiment=vdit_smoke", "data.height=30"), r"data.height=30: expected a multiple of model.patch\[1\]=4"),
+    (("experiment=vdit_smoke", "data.fps=0"), r"data.fps=0.0: expected a positive number"),
+    (("experiment=vdit_smoke", "parallel.sequence=2"), r"parallel.sequence=2: expected 1 for model.family=vdit"),
+    (("experiment=vdit_smoke", "+model.frames=4"), r"model.frames: unknown key \(it is set by the data\)"),
 ])
 def test_impossible_moe_and_parallel_settings_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -98,7 +105,7 @@ def test_moe_presets_map_onto_the_layer_config():
     moepp = compose_job("model.ffn=moe", "moe=moepp", "moe.tau=0.5").moe_config()
     assert moepp.router == "moepp" and moepp.tau == 0.5 and moepp.activation == "swiglu"
     assert compose_job().moe_config() is None  # model.ffn=dense: the moe group is not used
-    lm = compose_job("experiment=lm_topk").lm_config(vocab_size=8192, eot_id=0)
+    lm = compose_job("experiment=lm_topk").model_config(vocab_size=8192, eot_id=0)
     assert lm.ffn == "moe" and lm.moe.num_experts == 16 and lm.d_model == 768
 
 
