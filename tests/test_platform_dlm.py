@@ -188,13 +188,13 @@ def compose_job(*overrides: str) -> JobConfig:
 
 def test_family_configs_validate_and_build_the_family():
     job = compose_job("experiment=dlm_smoke")
-    cfg = job.lm_config(2048, eot_id=0)
+    cfg = job.model_config(2048, eot_id=0)
     assert isinstance(cfg, DLMConfig) and cfg.mask_id == 2048 and cfg.prompt_prob == 0.5
     model = build_model(cfg)
     assert isinstance(model, DiffusionLM) and model.embed.weight.shape[0] == 2049
     assert isinstance(config_from_dict(asdict(cfg)), DLMConfig)
     assert type(config_from_dict({k: v for k, v in asdict(LMConfig(64)).items() if k != "family"})) is LMConfig
-    assert compose_job("experiment=dlm_long").lm_config(8192).max_seq_len == 65536
+    assert compose_job("experiment=dlm_long").model_config(8192).max_seq_len == 65536
     for override, message in [("model.prompt_prob=2", r"model.prompt_prob=2.0: expected in \[0, 1\]"),
                               ("model.family=gpt", r"model.family='gpt': expected one of lm, dlm")]:
         with pytest.raises(ConfigError, match=message):
