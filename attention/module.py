@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sparta.kernels as K
-from sparta.attention.layout import BlockLayout, HeadGroup, invert_permutation
+from sparta.attention.layout import BlockLayout, HeadGroup, TokenOrder, invert_permutation
 from sparta.attention.sequence_parallel import heads_to_sequence, sequence_to_heads
 from sparta.attention.video import VideoGrid
 
@@ -148,6 +148,9 @@ class SparseAttention(nn.Module):
 
     rotary: None, "1d" (positions 0..N-1) or "3d" (frame, row, column of `grid`; text tokens are not
     rotated). x is [B, N, dim]; N must equal `grid.tokens` for "3d".
+    token_order: the order of x's tokens (None: raster), e.g. a video DiT's `TileOrder`: token t is
+    raster token `token_order.permutation()[t]`, and "3d" rotary rotates it by that token's
+    coordinates. Build its layouts for the same order (`Pattern.build(..., token_order=)`).
 
     sequence_group: a process group of P ranks that share each sequence (module docstring). x is then
     this rank's shard [B, N/P, dim] of the tokens (`sequence_shard`), and so is the output; rotary
@@ -158,7 +161,8 @@ class SparseAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, rotary: str | None = None,
                  grid: VideoGrid | None = None, rotary_base: float = 10000.0,
                  layout: BlockLayout | LayoutProvider | None = None, layer: int = 0, backend: str = "triton",
-                 bias: bool = False, sequence_group: dist.ProcessGroup | None = None):
+                 bias: bool = False, sequence_group: dist.ProcessGroup | None = None,
+                 token_order: TokenOrder | None = None):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if num_heads < 1 or dim % num_heads:
@@ -177,7 +181,7 @@ class SparseAttention(nn.Module):
             raise ValueError(f"sequence_group: its {ranks} ranks split the heads, so num_heads={num_heads} and "
                              f"num_kv_heads={num_kv_heads} must be multiples of {ranks}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rotary, self.grid, self.rotary_base = rotary, grid, rotary_base
+        self.rotary, self.grid, self.rotary_base, self.token_order = rotary, grid, rotary_base, token_order
         self.sequence_group = sequence_group if ranks > 1 else None
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
@@ -212,7 +216,8 @@ class SparseAttention(nn.Module):
     def _rotary_angles(self, tokens: int, device) -> torch.Tensor:
         if self.rotary == "1d":
             return rotary_angles_1d(tokens, self.head_dim, self.rotary_base, device)
-        return rotary_angles_3d(self.grid, self.head_dim, self.rotary_base, device)
+        angles = rotary_angles_3d(self.grid, self.head_dim, self.rotary_base, device)
+        return angles if self.token_order is None else angles[self.token_order.permutation(device)]
 
 
 def rotary_angles_1d(tokens: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:

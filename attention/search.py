@@ -14,6 +14,11 @@
 4. Write a `Plan` (YAML, layer -> head -> pattern + params). A loaded plan is a layout provider:
    heads that share a token order run as ONE kernel call with per-head masks (head fusion); skipped
    heads cost nothing.
+
+Patterns are defined on raster tokens. For a model whose tokens are in another order (a video DiT's
+`TileOrder`), search and plan take `token_order`: q, k, v come in that order, and each pattern is
+built for it (`Pattern.build(..., token_order=)`), so the tiles of the model's own order run in
+place, with the heads that need no permutation.
 """
 
 from __future__ import annotations
@@ -29,10 +34,10 @@ import torch
 import yaml
 from torch import nn
 
-from sparta.attention.layout import BlockLayout, HeadGroup
+from sparta.attention.layout import BlockLayout, HeadGroup, invert_permutation
 from sparta.attention.module import SparseAttentionCore, attend
 from sparta.attention.selection import attention_block_mass
-from sparta.attention.video import Pattern, VideoGrid
+from sparta.attention.video import Pattern, TileOrder, VideoGrid
 
 COST_TABLE = Path(__file__).with_name("pattern_costs.json")
 
@@ -103,12 +108,14 @@ class Plan:
     """Per-layer, per-head patterns for a video grid; a layout provider once loaded.
 
     `stats` (optional, from the search): per layer, per head {rel_mse, cost, density} of the choice.
+    `token_order`: the order of the model's tokens (None: raster), saved as its tile.
     """
 
     grid: VideoGrid
     block: int
     layers: dict[int, list[Pattern]]
     stats: dict[int, list[dict]] = field(default_factory=dict)
+    token_order: TileOrder | None = None
     _groups: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, layer: int) -> list[HeadGroup]:
@@ -125,7 +132,11 @@ class Plan:
                 raise ValueError(f"heads: expected indices of the {len(patterns)} heads of layer {layer}, got {heads}")
         layers = {layer: [patterns[h] for h in heads] for layer, patterns in self.layers.items()}
         stats = {layer: [head_stats[h] for h in heads] for layer, head_stats in self.stats.items()}
-        return Plan(self.grid, self.block, layers, stats)
+        return Plan(self.grid, self.block, layers, stats, self.token_order)
+
+    def layout(self, pattern: Pattern, device: torch.device | str | None = None) -> BlockLayout:
+        """`pattern`'s one-head layout for the plan's grid, block and token order."""
+        return pattern.build(self.grid, block=self.block, device=device, token_order=self.token_order)
 
     def groups(self, layer: int, device: torch.device | str | None = None) -> list[HeadGroup]:
         """The layer's head groups (built once per layer and device, see `_build_groups`)."""
@@ -139,15 +150,16 @@ class Plan:
 
         The call in the model's own order covers every head, so it needs no copy: full heads have all
         blocks, skipped heads and heads of another order none (they cost nothing). Each other token
-        order (3-D tiles) then gathers its heads and its output replaces theirs (see `attend`).
+        order (3-D tiles; with a `token_order`, also the raster patterns) then gathers its heads and its
+        output replaces theirs (see `attend`).
         """
-        layouts = {p: p.build(self.grid, block=self.block, device=device) for p in set(patterns)}
+        layouts = {p: self.layout(p, device) for p in set(patterns)}
         heads_by_order: dict[object, list[int]] = {}
         for head, pattern in enumerate(patterns):
             heads_by_order.setdefault(layouts[pattern].order, []).append(head)
         groups = []
         if None in heads_by_order:
-            empty = Pattern.of("skip").build(self.grid, block=self.block, device=device)
+            empty = self.layout(Pattern.of("skip"), device)
             masks = [layouts[p] if layouts[p].order is None else empty for p in patterns]
             groups.append(HeadGroup(tuple(range(len(patterns))), BlockLayout.concat_heads(masks)))
         for order, heads in heads_by_order.items():
@@ -163,6 +175,8 @@ class Plan:
         document = {"grid": {"frames": self.grid.frames, "height": self.grid.height, "width": self.grid.width,
                              "text": self.grid.text},
                     "block": self.block, "layers": layers}
+        if self.token_order is not None:
+            document["token_order"] = {"tile": list(self.token_order.tile)}
         Path(path).write_text(yaml.safe_dump(document, sort_keys=False, default_flow_style=None))
 
     @staticmethod
@@ -176,7 +190,12 @@ class Plan:
             if not isinstance(heads, dict) or sorted(heads) != list(range(len(heads))):
                 raise ValueError(f"layers: layer {layer} must map heads 0..H-1 to patterns, got {heads!r}")
             layers[int(layer)] = [Pattern.from_dict(heads[h]) for h in range(len(heads))]
-        return Plan(VideoGrid(**document["grid"]), int(document["block"]), layers)
+        grid = VideoGrid(**document["grid"])
+        order = document.get("token_order")
+        if order is not None and (not isinstance(order, dict) or "tile" not in order):
+            raise ValueError(f"token_order: expected a mapping {{tile: [frames, rows, columns]}}, got {order!r}")
+        token_order = None if order is None else TileOrder(grid, tuple(order["tile"]))
+        return Plan(grid, int(document["block"]), layers, token_order=token_order)
 
 
 @dataclass
@@ -193,12 +212,13 @@ class PatternSearch:
     """Sparse-vDiT's offline search; feed it with `observe` (or `capture_qkv`), then call `plan()`.
 
     Besides the static `candidates`, each head gets data-driven stripes: its `stripe_blocks` most
-    attended key blocks (chosen from the first call of each layer).
+    attended key blocks in raster order (chosen from the first call of each layer). `token_order`:
+    the order of the observed tokens (module docstring).
     """
 
     def __init__(self, grid: VideoGrid, candidates: Sequence[Pattern] | None = None, *, block: int = 128,
                  lam: float = 0.01, cost_model: CostModel | None = None, stripe_blocks: Sequence[int] = (1, 4),
-                 backend: str = "triton"):
+                 backend: str = "triton", token_order: TileOrder | None = None):
         if backend not in ("triton", "reference"):
             raise ValueError(f"backend: expected 'triton' or 'reference', got {backend!r}")
         if lam < 0:
@@ -207,6 +227,7 @@ class PatternSearch:
         self.candidates = list(candidates) if candidates is not None else video_candidates(grid, block=block)
         self.cost_model = cost_model if cost_model is not None else CostModel.load()
         self.stripe_blocks = tuple(stripe_blocks)
+        self.token_order = token_order
         self._layers: dict[int, _LayerRecord] = {}
 
     @torch.no_grad()
@@ -245,7 +266,7 @@ class PatternSearch:
             stats[layer] = [{"rel_mse": round(float(rel_mse[best[h], h]), 6),
                              "cost": round(float(record.cost[best[h], h]), 4),
                              "density": round(float(record.density[best[h], h]), 4)} for h in range(heads)]
-        return Plan(self.grid, self.block, layers, stats)
+        return Plan(self.grid, self.block, layers, stats, self.token_order)
 
     def _new_record(self, q: torch.Tensor, k: torch.Tensor) -> _LayerRecord:
         heads = q.shape[1]
@@ -257,7 +278,8 @@ class PatternSearch:
                 layouts.append(None)
                 density.append(torch.full((heads,), float(patterns[0].name == "full")))
                 continue
-            built = {p: p.build(self.grid, block=self.block, device=q.device) for p in set(patterns)}
+            built = {p: p.build(self.grid, block=self.block, device=q.device, token_order=self.token_order)
+                     for p in set(patterns)}
             layouts.append(BlockLayout.concat_heads([built[p] for p in patterns]))
             density.append(layouts[-1].density().cpu())
         density = torch.stack(density)
@@ -271,6 +293,8 @@ class PatternSearch:
         """Per head, a stripe over its most attended key blocks (exact attention, summed over queries)."""
         if not self.stripe_blocks:
             return []
+        if self.token_order is not None:  # stripes name raster key ranges
+            k = k.index_select(2, invert_permutation(self.token_order.permutation(k.device)))
         mass = attention_block_mass(q, k, self.block, self.block).sum(dim=(0, 2))  # [H, Kb]
         ranked = mass.argsort(dim=-1, descending=True).cpu()
         candidates = []

@@ -1,7 +1,10 @@
 """Attention patterns of video diffusion transformers on a (frames, height, width) latent grid.
 
-Model token order: `text` text tokens first, then the video tokens in raster order (frame, row,
-column).
+Token order: the builders assume the raster order, `text` text tokens first, then the video tokens
+in raster order (frame, row, column). A model that keeps its tokens in another order (a video DiT in
+tile-major order) builds with `token_order=` (`Pattern.build`, `in_token_order`): a layout whose own
+order is the model's then runs on the tokens as they are, any other one is handed its tokens in its
+own order by composing the two (`RelativeOrder`).
 Text is global in every pattern except `skip`: text queries attend every key and every query
 attends the text keys. Each builder returns a one-head `BlockLayout` whose blocks are the block
 cover of the pattern's token pairs (a block pair is attended iff some token pair in it is):
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparta.attention.layout import BlockLayout
+from sparta.attention.layout import BlockLayout, TokenOrder, invert_permutation
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,36 @@ def _tile_ids(grid: VideoGrid, tile: tuple[int, int, int], device) -> torch.Tens
     f, h, w = grid.coords(device)
     tiles_h, tiles_w = _cdiv(grid.height, tile[1]), _cdiv(grid.width, tile[2])
     return (f // tile[0] * tiles_h + h // tile[1]) * tiles_w + w // tile[2]
+
+
+@dataclass(frozen=True)
+class RelativeOrder:
+    """A layout's token order `order` (None: raster) as seen from tokens already in `model` order.
+
+    Kernel position t holds raster token order[t], which the model keeps at position
+    inverse(model)[order[t]].
+    """
+
+    model: TokenOrder
+    order: TokenOrder | None
+
+    def permutation(self, device: torch.device | str | None = None) -> torch.Tensor:
+        to_model = invert_permutation(self.model.permutation(device))
+        return to_model if self.order is None else to_model[self.order.permutation(device)]
+
+
+def in_token_order(layout: BlockLayout, token_order: TokenOrder | None) -> BlockLayout:
+    """`layout`, built for raster tokens, for a model whose tokens are in `token_order` (None: raster).
+
+    The block mask stays as built; only the order the kernel needs its tokens in changes: none when
+    the layout's order is the model's (tile-major tokens under their own tiles) or when the order
+    cannot matter (all blocks or none: full, skip), else the composition.
+    """
+    if token_order is None:
+        return layout
+    in_place = layout.order == token_order or not layout.mask.any() or bool(layout.mask.all())
+    order = None if in_place else RelativeOrder(token_order, layout.order)
+    return BlockLayout(layout.mask, layout.seqlen_q, layout.seqlen_k, layout.block_q, layout.block_k, order)
 
 
 def diagonal(grid: VideoGrid, width: int, *, block: int = 128, device=None) -> BlockLayout:
@@ -191,11 +224,14 @@ class Pattern:
             raise ValueError(f"pattern: unknown name {name!r}, expected one of {sorted(PATTERNS)}")
         return Pattern(name, tuple(sorted((key, _freeze(value)) for key, value in params.items())))
 
-    def build(self, grid: VideoGrid, *, block: int = 128, device=None) -> BlockLayout:
+    def build(self, grid: VideoGrid, *, block: int = 128, device=None,
+              token_order: TokenOrder | None = None) -> BlockLayout:
+        """The one-head layout for a model whose tokens are in `token_order` (None: raster)."""
         try:
-            return PATTERNS[self.name](grid, block=block, device=device, **dict(self.params))
+            layout = PATTERNS[self.name](grid, block=block, device=device, **dict(self.params))
         except TypeError as error:  # a parameter the builder does not take
             raise ValueError(f"params: {self}: {error}") from None
+        return in_token_order(layout, token_order)
 
     def to_dict(self) -> dict:
         return {"pattern": self.name, "params": {key: _thaw(value) for key, value in self.params}}

@@ -12,7 +12,9 @@ tiles after all the whole ones). That is the order in which `sparta.attention.vi
 tile, ...)` hands tokens to its kernel, so with blocks of one tile a token's block is its tile, a
 sliding-tile window is whole blocks, and the layout's block mask applies to the model's tokens as
 they are: no attention call needs to permute them. The 3-D rotary embedding rotates each token by
-its own (frame, row, column) (`TileMajorAttention`).
+its own (frame, row, column) (SparseAttention's `token_order`). Build a layout or plan for the model
+with `token_order=model.order` (`Pattern.build`, `Plan`): the tiles of its order then need no
+permutation, and raster patterns get their tokens in raster order around the kernel.
 
 Conditioning: AdaLN-zero. The timestep (sinusoidal features, then an MLP) plus the class embedding
 (one extra row, the null class, which training swaps in with probability `class_dropout` for
@@ -128,21 +130,6 @@ class VDiTConfig:
         return self.num_classes
 
 
-class TileMajorAttention(SparseAttention):
-    """`SparseAttention` with 3-D rotary embeddings over tokens in `order` (a TileOrder of its grid).
-
-    SparseAttention's own 3-D angles are in raster order (token i is grid token i); here token t is
-    grid token `order.permutation()[t]`, so it takes the same angles in that order.
-    """
-
-    def __init__(self, dim: int, num_heads: int, order: TileOrder, **kwargs):
-        super().__init__(dim, num_heads, rotary="3d", grid=order.grid, **kwargs)
-        self.order = order
-
-    def _rotary_angles(self, tokens: int, device) -> torch.Tensor:
-        return super()._rotary_angles(tokens, device)[self.order.permutation(device)]
-
-
 class DiTBlock(CheckpointedBlock):
     """Attention and FFN branches, each AdaLN-zero modulated by the conditioning `cond` [B, d_model].
 
@@ -153,8 +140,8 @@ class DiTBlock(CheckpointedBlock):
         super().__init__()
         d = cfg.d_model
         self.attention_norm = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
-        self.attention = TileMajorAttention(d, cfg.n_heads, order, rotary_base=cfg.rope_theta, layer=layer,
-                                            backend=cfg.attention_backend)
+        self.attention = SparseAttention(d, cfg.n_heads, rotary="3d", grid=cfg.grid, token_order=order,
+                                         rotary_base=cfg.rope_theta, layer=layer, backend=cfg.attention_backend)
         self.ffn_norm = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.ffn = MoE(d, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.d_ff)
         self.modulation = nn.Linear(d, 6 * d)

@@ -13,6 +13,7 @@ from sparta.attention import (
     Pattern,
     SparseAttention,
     SparseDSchedule,
+    TileOrder,
     VideoGrid,
     attend,
     masked_attention,
@@ -105,6 +106,22 @@ def test_head_groups_with_token_orders_gqa_dense_and_skipped_heads(kernel_stand_
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert (out[:, 2] == 0).all()
     assert (attend(q, k, v, [], backend="triton") == 0).all()  # every head skipped
+
+
+@pytest.mark.parametrize("pattern", [Pattern.of("diagonal", width=9), Pattern.of("tiles", tile=(1, 2, 8), window=(1, 3, 1)),
+                                     Pattern.of("tiles", tile=(2, 2, 4), window=(1, 1, 1))])
+def test_attention_on_tokens_in_a_token_order_is_raster_attention_reordered(kernel_stand_in, pattern):
+    """token_order: 3-D rotary and the layout follow each token's raster position."""
+    grid = VideoGrid(2, 8, 8, text=3)
+    order = TileOrder(grid, (1, 2, 8))
+    raster = SparseAttention(32, 2, rotary="3d", grid=grid, layout=pattern.build(grid, block=16).repeat_heads(2))
+    ordered = SparseAttention(32, 2, rotary="3d", grid=grid, token_order=order,
+                              layout=pattern.build(grid, block=16, token_order=order).repeat_heads(2))
+    ordered.load_state_dict(raster.state_dict())
+    x, perm = torch.randn(2, grid.tokens, 32), order.permutation()
+    for backend in ("triton", "reference"):
+        raster.core.backend = ordered.core.backend = backend
+        torch.testing.assert_close(ordered(x[:, perm]), raster(x)[:, perm], atol=1e-5, rtol=1e-5)
 
 
 def test_a_later_group_replaces_its_heads(kernel_stand_in):

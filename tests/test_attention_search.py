@@ -19,6 +19,7 @@ from sparta.attention import (
     attend,
     capture_qkv,
     masked_attention,
+    video,
 )
 
 GRID = VideoGrid(4, 8, 8)  # 256 tokens, blocks of 16: a frame is 4 blocks
@@ -60,6 +61,22 @@ def test_search_recovers_the_planted_pattern_of_each_head():
     for head, pattern in enumerate(plan.layers[0]):
         assert plan.stats[0][head]["rel_mse"] < 1e-3
         assert plan.stats[0][head]["density"] == pytest.approx(pattern.build(GRID, block=16).density().item(), abs=1e-4)
+
+
+def test_search_on_tile_major_tokens_chooses_what_it_chooses_on_raster_tokens():
+    """The same calibration tokens in a model's tile-major order: same patterns (stripes name raster keys)."""
+    order = TileOrder(GRID, (1, 2, 8))
+    perm = order.permutation()
+    plans = []
+    for token_order in (None, order):
+        search = PatternSearch(GRID, block=16, lam=0.01, cost_model=CostModel(), stripe_blocks=(1, 2, 4),
+                               backend="reference", token_order=token_order)
+        for seed in range(2):
+            q, k, v = planted_qkv(seed)
+            search.observe(0, *((q, k, v) if token_order is None else (x[:, :, perm] for x in (q, k, v))))
+        plans.append(search.plan())
+    assert plans[1].layers == plans[0].layers and plans[1].token_order == order
+    assert plans[1].layers[0][2] == Pattern.of("stripe", keys=STRIPE_KEYS)
 
 
 def test_plan_round_trips_through_yaml(tmp_path):
@@ -107,6 +124,30 @@ def test_loaded_plan_fuses_heads_by_token_order(kernel_stand_in):
                             for h, p in enumerate(patterns)], dim=1)
     for backend in ("triton", "reference"):
         torch.testing.assert_close(attend(q, k, v, plan(q, k, 0), backend=backend), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_plan_for_tile_major_tokens_runs_the_models_tiles_in_place(kernel_stand_in, tmp_path):
+    grid = VideoGrid(2, 4, 8)
+    order = TileOrder(grid, (1, 2, 8))
+    own, other = (Pattern.of("tiles", tile=(1, 2, 8), window=(1, 1, 1)),
+                  Pattern.of("tiles", tile=(1, 4, 4), window=(1, 1, 1)))
+    patterns = [own, Pattern.of("diagonal", width=9), Pattern.of("skip"), other, Pattern.of("full")]
+    plan = Plan(grid, 16, {0: patterns}, token_order=order)
+    plan.save(tmp_path / "plan.yaml")
+    loaded = Plan.load(tmp_path / "plan.yaml")
+    assert loaded.token_order == order and loaded.layers == plan.layers
+    groups = loaded.groups(0)
+    # The model's own tiles, full and skipped heads in place; the raster and the other tile order composed.
+    assert [(g.heads, g.layout.order) for g in groups] == [
+        (tuple(range(5)), None), ((1,), video.RelativeOrder(order, None)),
+        ((3,), video.RelativeOrder(order, TileOrder(grid, (1, 4, 4))))]
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 5, grid.tokens, 16, generator=generator) for _ in range(3))
+    expected = torch.stack([masked_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1],
+                                             loaded.layout(p).element_mask())[:, 0]
+                            for h, p in enumerate(patterns)], dim=1)
+    for backend in ("triton", "reference"):
+        torch.testing.assert_close(attend(q, k, v, loaded(q, k, 0), backend=backend), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cost_model_interpolates_the_table_and_falls_back_to_flops(tmp_path):

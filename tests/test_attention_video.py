@@ -181,3 +181,26 @@ def test_pattern_spec_round_trips_through_a_dict():
 def test_bad_pattern_input_is_a_value_error_naming_the_argument(call, argument):
     with pytest.raises(ValueError, match=argument):
         call()
+
+
+# ---- patterns for a model whose tokens are in another order --------------------------------------
+
+@pytest.mark.parametrize("pattern", [
+    Pattern.of("tiles", tile=(2, 2, 4), window=(1, 3, 1)),  # the model's own tiles: no permutation
+    Pattern.of("tiles", tile=(1, 4, 2), window=(1, 1, 3)),  # other tiles: the orders composed
+    Pattern.of("diagonal", width=6), Pattern.of("multi_diagonal", width=2, frame_radius=1),
+    Pattern.of("stripe", keys=((3, 9),)), Pattern.of("spatial", frame_radius=0), Pattern.of("skip"),
+    Pattern.of("full")])
+def test_a_pattern_built_for_a_token_order_attends_the_same_token_pairs(pattern):
+    grid = VideoGrid(3, 4, 6, text=5)  # edge tiles and text: the model order moves the text to the end
+    model_order = TileOrder(grid, (2, 2, 4))
+    raster = pattern.build(grid, block=8)
+    built = pattern.build(grid, block=8, token_order=model_order)
+    to_raster = model_order.permutation()  # model token t is raster token to_raster[t]
+    expected = raster.element_mask()[0, 0][to_raster][:, to_raster]
+    assert torch.equal(built.element_mask()[0, 0], expected)
+    assert torch.equal(built.mask, raster.mask)  # the blocks as built: same density, same cost
+    if raster.order == model_order or pattern.name in ("skip", "full"):
+        assert built.order is None
+    else:
+        assert built.order == video.RelativeOrder(model_order, raster.order)

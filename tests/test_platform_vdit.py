@@ -15,7 +15,6 @@ from sparta.attention.video import tiles
 from sparta.moe import MoEConfig
 from sparta.platform.noise import EVAL_SEED
 from sparta.platform.vdit import (
-    TileMajorAttention,
     VDiTConfig,
     VideoDiT,
     draw_flow_inputs,
@@ -90,7 +89,8 @@ def test_a_tile_layout_runs_on_the_models_tokens_as_they_are():
     layout = tiles(grid, tile, window=(1, 2, 1), block=block).repeat_heads(2)
     raster = SparseAttention(64, 2, rotary="3d", grid=grid, layout=layout, backend="reference")
     in_place = BlockLayout(layout.mask, grid.tokens, grid.tokens, block, block)  # no order: the tokens as they are
-    tile_major = TileMajorAttention(64, 2, TileOrder(grid, tile), layout=in_place, backend="reference")
+    tile_major = SparseAttention(64, 2, rotary="3d", grid=grid, token_order=TileOrder(grid, tile), layout=in_place,
+                                 backend="reference")
     tile_major.load_state_dict(raster.state_dict())
     x, order = torch.randn(2, grid.tokens, 64), layout.order.permutation()
     assert (layout.density() < 0.5).all()
