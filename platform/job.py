@@ -108,6 +108,39 @@ def check_batches(job: JobConfig, corpus: Corpus | None, num_workers: int) -> No
         raise ConfigError(str(error)) from None
 
 
+def check_shared_root(root: Path, plan: WorkerPlan) -> None:
+    """On a Ray cluster, every node that can hold a worker must see `cluster.root`: the workers read the
+    corpus there and write the checkpoints and the console file the driver reads. A node-local path (the
+    default /tmp/sparta on several machines, a relative root under `ray job submit`) would fail in every
+    worker, after they all started, with a missing-file error; this says it first, naming the nodes."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    needed = "GPU" if plan.use_gpu else "CPU"
+    nodes = {f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})": n["NodeID"] for n in ray.nodes()
+             if n["Alive"] and n["Resources"].get(needed, 0) > 0}
+    marker = root / f".sparta-shared-{uuid.uuid4().hex}"
+    marker.touch()
+    try:
+        exists = ray.remote(num_cpus=0, max_retries=0)(_exists)
+        answers = {name: exists.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+                   .remote(str(marker)) for name, node_id in nodes.items()}
+        ready, _ = ray.wait(list(answers.values()), num_returns=len(answers), timeout=120)
+        blind = [name for name, ref in answers.items() if ref not in ready or not ray.get(ref)]
+    finally:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise ConfigError(f"cluster.root={root}: not seen by {len(blind)} of the {len(nodes)} Ray nodes that can run a "
+                          f"worker ({', '.join(blind)}); expected storage that every node mounts at that path (NFS, "
+                          "a ReadWriteMany volume), given as an absolute path")
+
+
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
 def ray_logs_dir() -> str:
     """Where Ray keeps the logs of this driver's Ray instance (on a cluster: of each node, `ray logs`)."""
     import ray
@@ -134,6 +167,8 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
         corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
         corpus = open_corpus(corpus_dir)
     plan = connect_ray(job, corpus)
+    if joins_cluster(job):
+        check_shared_root(root, plan)
     tracker = Tracker(default_tracking_uri(job.tracking.uri, root), retry_s=job.tracking.retry_s)
     resumed = tracker.open_run(job.tracking.experiment, run_name, root / "mlartifacts")
     if not resumed:
