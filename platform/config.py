@@ -95,6 +95,7 @@ class TrainerConfig:
     peak_tflops: float | None
     compile: bool
     activation_checkpointing: bool
+    init_from: str | None
     chunk_sparsity_schedule: ChunkSparsityScheduleConfig
 
 

@@ -15,7 +15,7 @@ from sparta.platform import checkpoint, reaper
 from sparta.platform.config import ConfigError, JobConfig, ParallelConfig, deepspeed_config
 from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
 from sparta.platform.data import Corpus, count_windows, open_corpus, prepare_corpus
-from sparta.platform.runs import CHECKPOINT_DIR_TAG
+from sparta.platform.runs import CHECKPOINT_DIR_TAG, resolve
 from sparta.platform.tracking import Tracker, default_tracking_uri
 from sparta.platform.worker import WorkerArgs, read_outcome, train_worker
 
@@ -54,6 +54,18 @@ def plan_workers(job: JobConfig, resources: dict) -> WorkerPlan:
     check_layout(job.parallel, num_workers)
     deepspeed_config(job.deepspeed, trainer.max_steps, use_gpu)  # raises on a precision the workers can't run
     return WorkerPlan(num_workers, use_gpu)
+
+
+def find_init_checkpoint(job: JobConfig, root: Path) -> str | None:
+    """`trainer.init_from` as a checkpoint directory, found before Ray starts (a run name or id is looked
+    up in this job's MLflow store)."""
+    if job.trainer.init_from is None:
+        return None
+    try:
+        directory, _ = resolve(job.trainer.init_from, default_tracking_uri(job.tracking.uri, root))
+    except FileNotFoundError as error:
+        raise ConfigError(f"trainer.init_from={job.trainer.init_from!r}: {error}") from None
+    return str(directory)
 
 
 def check_layout(parallel: ParallelConfig, num_workers: int) -> None:
@@ -166,6 +178,7 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     if not data.is_video:
         corpus_dir = prepare_corpus(data.corpus, data.vocab_size, data.val_fraction, data.token_dtype, root / "data")
         corpus = open_corpus(corpus_dir)
+    init_checkpoint = find_init_checkpoint(job, root)
     plan = connect_ray(job, corpus)
     if joins_cluster(job):
         check_shared_root(root, plan)
@@ -187,7 +200,7 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=WorkerArgs(job, plan.use_gpu, tracker.uri, tracker.run_id,
-                                     str(run_dir), str(corpus_dir)),
+                                     str(run_dir), str(corpus_dir), init_checkpoint),
         scaling_config=ScalingConfig(num_workers=plan.num_workers, use_gpu=plan.use_gpu,
                                      resources_per_worker={"CPU": job.trainer.cpus_per_worker,
                                                            **({"GPU": 1} if plan.use_gpu else {})}),

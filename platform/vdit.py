@@ -37,13 +37,14 @@ benchmarks/patterns.py, 117 whole tiles (14,976 tokens, whole blocks), then 5,30
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparta.attention import SparseAttention, TileOrder, VideoGrid, invert_permutation
+from sparta.attention import Plan, SparseAttention, TileOrder, VideoGrid, invert_permutation
 from sparta.attention.module import BACKENDS
 from sparta.moe import MoE, MoEConfig
 from sparta.platform.lm import (
@@ -84,6 +85,7 @@ class VDiTConfig:
     moe_every: int = 1                       # with ffn="moe": every n-th block has an MoE FFN ...
     first_dense_layers: int = 0              # ... after this many dense blocks
     moe: MoEConfig | None = None
+    plan: str | None = None                  # a searched attention plan (launch/search.py's plan.yaml): sparse attention
 
     is_moe_layer = LMConfig.is_moe_layer
 
@@ -181,7 +183,23 @@ class VideoDiT(nn.Module):
         self.final_modulation = nn.Linear(d, 2 * d)
         self.final = nn.Linear(d, cfg.patch_dim)
         self._init_weights(init_seed, ep_group)
+        if cfg.plan is not None:
+            self.use_plan(Plan.load(cfg.plan))
         self.noise = NoiseStreams()
+
+    def use_plan(self, plan: Plan | None) -> None:
+        """Every layer's attention follows `plan` (None: dense), which must be for this model's token
+        grid, token order, layers and heads; the message names what differs."""
+        if plan is not None:
+            cfg, order = self.cfg, plan.token_order
+            for what, got, expected in (
+                    ("grid", plan.grid, cfg.grid), ("token order tile", order.tile if order else None, cfg.tile),
+                    ("layers", sorted(plan.layers), list(range(cfg.n_layers))),
+                    ("heads per layer", {len(heads) for heads in plan.layers.values()}, {cfg.n_heads})):
+                if got != expected:
+                    raise ValueError(f"model.plan: a plan for {what} {got}, this model has {expected}")
+        for block in self.blocks:
+            block.attention.core.layout = plan
 
     def _init_weights(self, seed: int, ep_group) -> None:
         """The LM's layout-independent init (each weight drawn whole from a generator seeded by `seed`
@@ -304,11 +322,13 @@ def flow_matching_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.
 
 
 @torch.no_grad()
-def sample(model: VideoDiT, noise: torch.Tensor, labels: torch.Tensor, steps: int, cfg_scale: float = 1.0) -> torch.Tensor:
+def sample(model: VideoDiT, noise: torch.Tensor, labels: torch.Tensor, steps: int, cfg_scale: float = 1.0,
+           on_step: Callable[[int], None] | None = None) -> torch.Tensor:
     """Videos [B, C, T, H, W] (fp32) from `noise` at t = 1: `steps` Euler steps of dx/dt = v to t = 0.
 
     cfg_scale > 1: classifier-free guidance, v = v_null + cfg_scale * (v_label - v_null), the
     conditional and unconditional halves in one batch; 1: the conditional velocity alone.
+    on_step(step) after each step 1..steps (a progress bar, a step clock).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
@@ -317,13 +337,15 @@ def sample(model: VideoDiT, noise: torch.Tensor, labels: torch.Tensor, steps: in
     guided = cfg_scale != 1.0
     if guided:
         labels = torch.cat([labels, torch.full_like(labels, model.cfg.null_class)])
-    for t, t_next in zip(times[:-1], times[1:]):
+    for step, (t, t_next) in enumerate(zip(times[:-1], times[1:]), 1):
         batch_x = torch.cat([x, x]) if guided else x
         v = model.velocity(batch_x, t.expand(batch_x.shape[0]), labels).float()
         if guided:
             v_label, v_null = v.chunk(2)
             v = v_null + cfg_scale * (v_label - v_null)
         x = x + (t_next - t) * v
+        if on_step is not None:
+            on_step(step)
     return x
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
@@ -49,6 +50,7 @@ class WorkerArgs:
     mlflow_run_id: str | None
     run_dir: str  # survives worker restarts: the run's checkpoints and the fault drill's marker
     corpus_dir: str  # the prepared token cache (`sparta.platform.data.prepare_corpus`)
+    init_checkpoint: str | None = None  # trainer.init_from, resolved by the driver to a checkpoint directory
 
 
 class InjectedFailure(RuntimeError):
@@ -88,6 +90,12 @@ def train(args: WorkerArgs) -> None:
     if layout.expert_groups is not None:
         model.add_module("expert_groups", layout.expert_groups)
         mark_expert_parameters(model, layout.expert_groups.expert_group_name)
+    run_dir = Path(args.run_dir)
+    resume_from = newest_checkpoint(run_dir)
+    if args.init_checkpoint and resume_from is None:  # before DeepSpeed copies the weights into its optimizer
+        checkpoint.load_weights(model, load_file(str(Path(args.init_checkpoint) / checkpoint.MODEL_FILE)), ep_group,
+                                f"trainer.init_from={job.trainer.init_from}")
+        log.info(f"[sparta] weights from {args.init_checkpoint} (trainer.init_from); optimizer and step start fresh")
     if trainer.activation_checkpointing:
         for block in model.blocks:
             block.checkpointed = True
@@ -100,8 +108,7 @@ def train(args: WorkerArgs) -> None:
         dist_init_required=False,
     )
     accumulation = ds.gradient_accumulation_steps
-    run_dir = Path(args.run_dir)
-    state = restore_checkpoint(engine, model, ep_group, accumulation, run_dir)
+    state = restore_checkpoint(engine, model, ep_group, accumulation, resume_from)
     step = first_step = state.get("step", 0)
     schedule = chunk_sparsity_schedule(job, model, state.get("chunk_sparsity_schedule"))
 
@@ -364,15 +371,20 @@ def save_checkpoint(engine, model, ep_group, writer: checkpoint.CheckpointWriter
         writer.submit(snapshot, state["step"])
 
 
-def restore_checkpoint(engine, model, ep_group, accumulation: int, run_dir: Path) -> dict:
-    """Load the run's newest complete checkpoint into the engine if there is one; returns its trainer
-    state (`step`: the step it ended, ...), {} for a fresh run. Rank 0 picks it, so every rank loads
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's newest complete checkpoint, None for a fresh run. Rank 0 picks it, so every rank loads
     the same one whatever its view of a shared file system."""
     found = [checkpoint.latest(run_dir) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(found, src=0)
-    if found[0] is None:
+    return found[0]
+
+
+def restore_checkpoint(engine, model, ep_group, accumulation: int, directory: Path | None) -> dict:
+    """Load the run's checkpoint `directory` into the engine if there is one; returns its trainer state
+    (`step`: the step it ended, ...), {} for a fresh run."""
+    if directory is None:
         return {}
-    state = checkpoint.load(engine, model, ep_group, found[0])
+    state = checkpoint.load(engine, model, ep_group, directory)
     engine.global_steps, engine.micro_steps = state["step"], state["step"] * accumulation
     return state
 

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sparta.platform.config import ConfigError, JobConfig, deepspeed_config
-from sparta.platform.job import plan_workers
+from sparta.platform.job import find_init_checkpoint, plan_workers
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -227,3 +227,9 @@ def test_a_split_too_small_for_one_global_micro_batch_is_refused_before_any_work
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "config error: data.seq_len=4096: the validation split has" in proc.stderr
     assert "deepspeed.micro_batch_size" in proc.stderr and "[sparta] step" not in proc.stdout
+
+
+def test_a_missing_init_from_run_is_refused_before_ray_starts(tmp_path):
+    with pytest.raises(ConfigError, match=r"trainer.init_from='no-such-run': no-such-run: not a directory, nor an MLflow run"):
+        find_init_checkpoint(compose_job("trainer.init_from=no-such-run"), tmp_path)
+    assert find_init_checkpoint(compose_job(), tmp_path) is None

@@ -1,16 +1,20 @@
-"""The video DiT through `launch/train.py` (real Ray, DeepSpeed, MLflow, 2 CPU workers) on the procedural
-video source: the flow-matching validation loss drops, tokens/s counts a clip's patches, and a
-checkpoint holds the family's config."""
+"""The Sparse-vDiT workflow through the main job (real Ray, DeepSpeed, MLflow, 2 CPU workers) on the
+procedural video source: train dense (the flow-matching validation loss drops, tokens/s counts a
+clip's patches), search a plan on the trained model, fine-tune from the dense weights with the plan."""
 
 import json
+import subprocess
+import sys
 
 import pytest
-from e2e_helpers import checkpoints, history, mlflow_runs, train
+from e2e_helpers import REPO, checkpoints, history, mlflow_runs, train
+
+from sparta.attention import Plan
 
 pytestmark = pytest.mark.slow
 
 
-def test_video_dit_trains_on_procedural_video(tmp_path):
+def test_video_dit_trains_dense_then_fine_tunes_with_its_searched_plan(tmp_path):
     output = train(tmp_path, "run_name=vdit", "trainer.activation_checkpointing=true", experiment="vdit_smoke")
     assert "(ppl" not in output  # a flow-matching loss is not a cross-entropy
     client, runs = mlflow_runs(tmp_path)
@@ -23,3 +27,17 @@ def test_video_dit_trains_on_procedural_video(tmp_path):
     (last,) = checkpoints(tmp_path, "vdit")[-1:]
     state = json.loads((last / "state.json").read_text())
     assert state["step"] == 30 and state["model_config"]["family"] == "vdit" and state["seq_len"] == 256
+
+    plan = tmp_path / "plan" / "plan.yaml"
+    subprocess.run([sys.executable, "launch/search.py", "vdit", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                    "lam=0.5", "clips=2", f"out={plan.parent}"], cwd=REPO, check=True, capture_output=True)
+    patterns = [str(p) for heads in Plan.load(plan).layers.values() for p in heads]
+    assert any(not p.startswith("full") for p in patterns), patterns  # sparse heads to fine-tune with
+    output = train(tmp_path, "run_name=sparse", "trainer.init_from=vdit", f"model.plan={plan}",
+                   "model.attention_backend=reference", "trainer.max_steps=5", "trainer.eval_every=5",
+                   "trainer.log_every=1", experiment="vdit_smoke")
+    assert "(trainer.init_from); optimizer and step start fresh" in output
+    client, runs = mlflow_runs(tmp_path)
+    sparse = history(client, runs["sparse"].info.run_id, "train/loss")
+    dense = history(client, run.info.run_id, "train/loss")
+    assert sparse[1][0] < dense[5][0] - 0.05, (sparse, dense)  # it starts where the dense run got to
