@@ -188,16 +188,9 @@ class VideoDiT(nn.Module):
         self.noise = NoiseStreams()
 
     def use_plan(self, plan: Plan | None) -> None:
-        """Every layer's attention follows `plan` (None: dense), which must be for this model's token
-        grid, token order, layers and heads; the message names what differs."""
+        """Every layer's attention follows `plan` (None: dense); see `check_plan`."""
         if plan is not None:
-            cfg, order = self.cfg, plan.token_order
-            for what, got, expected in (
-                    ("grid", plan.grid, cfg.grid), ("token order tile", order.tile if order else None, cfg.tile),
-                    ("layers", sorted(plan.layers), list(range(cfg.n_layers))),
-                    ("heads per layer", {len(heads) for heads in plan.layers.values()}, {cfg.n_heads})):
-                if got != expected:
-                    raise ValueError(f"model.plan: a plan for {what} {got}, this model has {expected}")
+            check_plan(plan, self.cfg, "model.plan")
         for block in self.blocks:
             block.attention.core.layout = plan
 
@@ -319,6 +312,18 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 def flow_matching_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """MSE (fp32) between the predicted velocity and the rectified flow's, v = noise - x0."""
     return F.mse_loss(prediction.float(), noise - x0)
+
+
+def check_plan(plan: Plan, cfg: VDiTConfig, source: str) -> None:
+    """A plan must be for the model's token grid, token order, layers and heads; the message names
+    `source` (the key that gave the plan) and what differs."""
+    order = plan.token_order.tile if plan.token_order else None
+    for what, got, expected in (
+            ("token grid", plan.grid, cfg.grid), ("token order tile", order, cfg.tile),
+            ("layers", sorted(plan.layers), list(range(cfg.n_layers))),
+            ("heads per layer", sorted({len(heads) for heads in plan.layers.values()}), [cfg.n_heads])):
+        if got != expected:
+            raise ValueError(f"{source}: a plan for {what} {got}, this model has {expected}")
 
 
 @torch.no_grad()

@@ -5,54 +5,24 @@ lands in the run."""
 import json
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-from safetensors.torch import save_file
+from vdit_runs import STEP, make_run
 
 import sparta.kernels as K
 from sparta.attention import Plan, attend, masked_attention
-from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, checkpoint_dir
-from sparta.platform.runs import CHECKPOINT_DIR_TAG, load_model
-from sparta.platform.tracking import RUN_NAME_TAG
-from sparta.platform.vdit import VDiTConfig, VideoDiT
+from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE
+from sparta.platform.runs import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-STEP = 5
-
-
-def tiny() -> VDiTConfig:
-    """Token grid 2 x 4 x 8 = 64 tokens in tiles of 1 x 2 x 8 = 16 tokens (one kernel block each)."""
-    return VDiTConfig(frames=2, height=16, width=32, patch=(1, 4, 4), tile=(1, 2, 8), d_model=32, n_layers=2,
-                      n_heads=2, attention_backend="reference")
-
-
-def write_checkpoint(directory: Path, cfg: VDiTConfig, state: dict) -> None:
-    torch.manual_seed(0)
-    model = VideoDiT(cfg)
-    with torch.no_grad():  # AdaLN-zero starts every block as the identity: give the attention a say
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    directory.mkdir(parents=True)
-    save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(directory / MODEL_FILE))
-    (directory / STATE_FILE).write_text(json.dumps({"step": STEP, "model_config": asdict(cfg), **state}))
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """An MLflow run whose Ray storage directory holds one checkpoint of the tiny model."""
-    root = tmp_path_factory.mktemp("cluster")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("sparta", artifact_location=(root / "mlartifacts").as_uri())
-    run_dir = root / "ray" / "vdit-search"
-    run_id = client.create_run(experiment, run_name="vdit-search", tags={RUN_NAME_TAG: "vdit-search",
-                                                                         CHECKPOINT_DIR_TAG: str(run_dir)}).info.run_id
-    write_checkpoint(checkpoint_dir(run_dir, STEP), tiny(), {"mlflow_run_id": run_id, "tracking_uri": uri})
-    return uri, client, run_id, checkpoint_dir(run_dir, STEP)
+    return make_run(tmp_path_factory.mktemp("cluster"), "vdit-search")
 
 
 def search(uri, *args):
