@@ -30,7 +30,7 @@ def test_video_dit_trains_dense_then_fine_tunes_with_its_searched_plan(tmp_path)
 
     plan = tmp_path / "plan" / "plan.yaml"
     subprocess.run([sys.executable, "launch/search.py", "vdit", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                    "lam=0.5", "clips=2", f"out={plan.parent}"], cwd=REPO, check=True, capture_output=True)
+                    "lam=2", "clips=2", f"out={plan.parent}"], cwd=REPO, check=True, capture_output=True)
     patterns = [str(p) for heads in Plan.load(plan).layers.values() for p in heads]
     assert any(not p.startswith("full") for p in patterns), patterns  # sparse heads to fine-tune with
     output = train(tmp_path, "run_name=sparse", "trainer.init_from=vdit", f"model.plan={plan}",
