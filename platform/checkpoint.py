@@ -173,6 +173,13 @@ def load(engine, model: nn.Module, ep_group, directory: Path) -> dict:
     return state
 
 
+def load_model_file(model: nn.Module, directory: Path, ep_group=None, source: Path | str | None = None) -> None:
+    """`load_weights` from a checkpoint's or an export's `model.safetensors` (`source` names it in errors)."""
+    from safetensors.torch import load_file
+
+    load_weights(model, load_file(str(Path(directory) / MODEL_FILE)), ep_group, source or directory)
+
+
 def load_weights(model: nn.Module, weights: dict, ep_group=None, source: Path | str = "checkpoint") -> None:
     """Copy whole fp32 weights (a checkpoint's or an export's) into `model`, keeping this rank's experts."""
     experts = {name for name, _ in expert_parameters(model)}

@@ -42,12 +42,12 @@ class DataConfig:
     token_dtype: str = "uint16"
     val_fraction: float = 0.02
     # the procedural video source (corpus: procedural_video)
-    frames: int = 8
-    height: int = 32
-    width: int = 32
-    channels: int = 3
-    fps: float = 8.0
-    val_clips: int = 64
+    frames: int = VideoDataConfig.frames
+    height: int = VideoDataConfig.height
+    width: int = VideoDataConfig.width
+    channels: int = VideoDataConfig.channels
+    fps: float = VideoDataConfig.fps
+    val_clips: int = VideoDataConfig.val_clips
 
     @property
     def is_video(self) -> bool:
@@ -141,12 +141,10 @@ class TrackingConfig:
 
 
 # model.* are the fields of the config of the family that model.family names (LMConfig, DLMConfig, VDiTConfig);
-# the others are set from elsewhere (DERIVED_KEYS).
-# The video DiT's clip size and classes come from the data.
+# the others are set from elsewhere (DERIVED_KEYS): the video DiT's clip size and classes from the data.
 DERIVED_KEYS = {"vocab_size": "the tokenizer", "eot_id": "the tokenizer", "moe": "the moe group", "frames": "the data",
                 "height": "the data", "width": "the data", "in_channels": "the data", "num_classes": "the data"}
-
-
+# What VDiTConfig's own checks call the clip size keys that the user sets under data.
 VIDEO_SIZE_KEYS = {"model.frames": "data.frames", "model.height": "data.height", "model.width": "data.width",
                    "model.in_channels": "data.channels"}
 

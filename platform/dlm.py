@@ -127,7 +127,6 @@ class DiffusionLM(nn.Module):
         return with_aux_losses(loss, auxes, self.cfg.moe)
 
 
-
 def draw_prompt_lengths(shape: torch.Size, prompt_prob: float, generator: torch.Generator,
                         device: torch.device) -> torch.Tensor:
     """Per sequence, with probability `prompt_prob` a prompt of 1 .. seq-1 tokens, else none (0)."""
@@ -217,9 +216,10 @@ def check_sampler(sampler: SamplerConfig, model_cfg: DLMConfig, prompt_len: int,
     return backend
 
 
-def use_attention(model: DiffusionLM, provider, backend: str) -> None:
-    """Every layer's attention from now on: `provider` None is dense SDPA, else a layout provider
-    (a `SparseDSchedule`) run by `backend` ("triton" or "reference")."""
+def use_attention(model: nn.Module, provider, backend: str) -> None:
+    """Every layer's attention from now on (a model whose blocks attend through `SparseAttention`: the
+    diffusion LM, the video DiT): `provider` None is dense SDPA, else a layout provider (a
+    `SparseDSchedule`, a `Plan`) run by `backend` ("triton" or "reference")."""
     for block in model.blocks:
         block.attention.core.layout, block.attention.core.backend = provider, backend
 

@@ -106,7 +106,8 @@ def connect_ray(job: JobConfig, corpus: Corpus | None) -> WorkerPlan:
 
 def check_batches(job: JobConfig, corpus: Corpus | None, num_workers: int) -> None:
     """Both splits hold at least one global micro-batch of windows or clips (else every worker would fail on it)."""
-    batch = job.deepspeed.micro_batch_size * job.parallel.data_shards(num_workers)
+    shards = job.parallel.data_shards(num_workers)
+    batch = job.deepspeed.micro_batch_size * shards
     if corpus is None:  # the video source: clips without end, a fixed validation set
         if job.data.val_clips < batch:
             raise ConfigError(f"data.val_clips={job.data.val_clips}: expected at least one global micro-batch, {batch} "
@@ -114,8 +115,7 @@ def check_batches(job: JobConfig, corpus: Corpus | None, num_workers: int) -> No
         return
     try:
         for split, tokens in (("the train", corpus.train), ("the validation", corpus.val)):
-            count_windows(len(tokens), job.data.seq_len, job.deepspeed.micro_batch_size,
-                          job.parallel.data_shards(num_workers), split)
+            count_windows(len(tokens), job.data.seq_len, job.deepspeed.micro_batch_size, shards, split)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

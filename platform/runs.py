@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from sparta.platform import checkpoint
-from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, load_weights
+from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, load_model_file
 from sparta.platform.models import build_model, config_from_dict
 from sparta.platform.tracking import RUN_NAME_TAG, default_tracking_uri
 
@@ -91,11 +91,9 @@ def read_config(model_dir: Path) -> dict:
 def load_model(model_dir: Path) -> tuple[nn.Module, dict]:
     """The whole model of its family (`model_config.family`; all experts on this process, fp32, CPU)
     and its config dict."""
-    from safetensors.torch import load_file
-
     config = read_config(model_dir)
     model = build_model(config_from_dict(config["model_config"]))
-    load_weights(model, load_file(str(Path(model_dir) / MODEL_FILE)), source=model_dir)
+    load_model_file(model, model_dir)
     return model, config
 
 

@@ -47,6 +47,7 @@ from torch import nn
 from sparta.attention import Plan, SparseAttention, TileOrder, VideoGrid, invert_permutation
 from sparta.attention.module import BACKENDS
 from sparta.moe import MoE, MoEConfig
+from sparta.platform.dlm import use_attention
 from sparta.platform.lm import (
     FFN_KINDS,
     CheckpointedBlock,
@@ -184,15 +185,10 @@ class VideoDiT(nn.Module):
         self.final = nn.Linear(d, cfg.patch_dim)
         self._init_weights(init_seed, ep_group)
         if cfg.plan is not None:
-            self.use_plan(Plan.load(cfg.plan))
+            plan = Plan.load(cfg.plan)
+            check_plan(plan, cfg, "model.plan")
+            use_attention(self, plan, cfg.attention_backend)
         self.noise = NoiseStreams()
-
-    def use_plan(self, plan: Plan | None) -> None:
-        """Every layer's attention follows `plan` (None: dense); see `check_plan`."""
-        if plan is not None:
-            check_plan(plan, self.cfg, "model.plan")
-        for block in self.blocks:
-            block.attention.core.layout = plan
 
     def _init_weights(self, seed: int, ep_group) -> None:
         """The LM's layout-independent init (each weight drawn whole from a generator seeded by `seed`

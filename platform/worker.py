@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch._dynamo.utils import counters
 
 from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
@@ -93,8 +92,7 @@ def train(args: WorkerArgs) -> None:
     run_dir = Path(args.run_dir)
     resume_from = newest_checkpoint(run_dir)
     if args.init_checkpoint and resume_from is None:  # before DeepSpeed copies the weights into its optimizer
-        checkpoint.load_weights(model, load_file(str(Path(args.init_checkpoint) / checkpoint.MODEL_FILE)), ep_group,
-                                f"trainer.init_from={job.trainer.init_from}")
+        checkpoint.load_model_file(model, args.init_checkpoint, ep_group, f"trainer.init_from={job.trainer.init_from}")
         log.info(f"[sparta] weights from {args.init_checkpoint} (trainer.init_from); optimizer and step start fresh")
     if trainer.activation_checkpointing:
         for block in model.blocks:
