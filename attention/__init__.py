@@ -2,7 +2,14 @@
 
 from sparta.attention.layout import BlockLayout, HeadGroup, TokenOrder, invert_permutation
 from sparta.attention.module import SparseAttention, SparseAttentionCore, attend, masked_attention
-from sparta.attention.search import CostModel, PatternSearch, Plan, capture_qkv, video_candidates
+from sparta.attention.search import (
+    CostModel,
+    PatternSearch,
+    Plan,
+    calibration_error,
+    capture_qkv,
+    video_candidates,
+)
 from sparta.attention.selection import (
     DynamicBlockSelection,
     attention_block_mass,
@@ -18,7 +25,7 @@ from sparta.attention.video import PATTERNS, Pattern, TileOrder, VideoGrid
 __all__ = [
     "PATTERNS", "BlockLayout", "CostModel", "DynamicBlockSelection", "HeadGroup", "Pattern", "PatternSearch",
     "Plan", "SparseAttention", "SparseAttentionCore", "SparseDSchedule", "TileOrder", "TokenOrder", "VideoGrid",
-    "attend", "attention_block_mass", "capture_qkv", "heads_to_sequence", "invert_permutation", "masked_attention",
-    "mass_blocks", "pool_blocks", "pooled_block_logits", "sequence_shard", "sequence_to_heads", "topk_blocks",
-    "video_candidates",
+    "attend", "attention_block_mass", "calibration_error", "capture_qkv", "heads_to_sequence", "invert_permutation",
+    "masked_attention", "mass_blocks", "pool_blocks", "pooled_block_logits", "sequence_shard", "sequence_to_heads",
+    "topk_blocks", "video_candidates",
 ]

@@ -103,6 +103,9 @@ def video_candidates(grid: VideoGrid, *, block: int = 128, tile: Sequence[int] |
     return candidates
 
 
+STAT_KEYS = ("rel_mse", "cost", "density")  # what the search records of each head's choice
+
+
 @dataclass
 class Plan:
     """Per-layer, per-head patterns for a video grid; a layout provider once loaded.
@@ -185,17 +188,19 @@ class Plan:
         for key in ("grid", "block", "layers"):
             if not isinstance(document, dict) or key not in document:
                 raise ValueError(f"{path}: expected a plan with keys grid, block, layers; '{key}' is missing")
-        layers = {}
+        layers, stats = {}, {}
         for layer, heads in document["layers"].items():
             if not isinstance(heads, dict) or sorted(heads) != list(range(len(heads))):
                 raise ValueError(f"layers: layer {layer} must map heads 0..H-1 to patterns, got {heads!r}")
             layers[int(layer)] = [Pattern.from_dict(heads[h]) for h in range(len(heads))]
+            if all(set(STAT_KEYS) <= set(heads[h]) for h in heads):  # a searched plan's
+                stats[int(layer)] = [{key: heads[h][key] for key in STAT_KEYS} for h in range(len(heads))]
         grid = VideoGrid(**document["grid"])
         order = document.get("token_order")
         if order is not None and (not isinstance(order, dict) or "tile" not in order):
             raise ValueError(f"token_order: expected a mapping {{tile: [frames, rows, columns]}}, got {order!r}")
         token_order = None if order is None else TileOrder(grid, tuple(order["tile"]))
-        return Plan(grid, int(document["block"]), layers, token_order=token_order)
+        return Plan(grid, int(document["block"]), layers, stats, token_order)
 
 
 @dataclass
@@ -206,6 +211,12 @@ class _LayerRecord:
     cost: torch.Tensor  # [candidates, heads] attention time relative to dense
     squared_error: torch.Tensor  # fp64 [candidates, heads], summed over calls
     dense_power: torch.Tensor  # fp64 [], sum of the dense output squared
+
+
+def calibration_error(plan: Plan) -> float:
+    """The plan's error on its calibration calls: the root mean relative MSE over all its heads."""
+    errors = [head["rel_mse"] for layer in plan.stats.values() for head in layer]
+    return (sum(errors) / len(errors)) ** 0.5
 
 
 class PatternSearch:
@@ -267,6 +278,18 @@ class PatternSearch:
                              "cost": round(float(record.cost[best[h], h]), 4),
                              "density": round(float(record.density[best[h], h]), 4)} for h in range(heads)]
         return Plan(self.grid, self.block, layers, stats, self.token_order)
+
+    def plan_within(self, max_error: float) -> tuple[Plan, float]:
+        """The cheapest plan whose calibration error, the root mean relative MSE over every head of every
+        layer, is at most `max_error`, and its lam: lam swept down from 1 by factors of 0.8, then 0
+        (every head at its most accurate candidate, `full` among them, so a plan is always found)."""
+        if max_error < 0:
+            raise ValueError(f"max_error: expected >= 0, got {max_error!r}")
+        for lam in [0.8**i for i in range(50)] + [0.0]:
+            plan = self.plan(lam)
+            if calibration_error(plan) <= max_error:
+                return plan, lam
+        raise AssertionError("lam=0 picks each head's exact candidate")  # unreachable: `full` has no error
 
     def _new_record(self, q: torch.Tensor, k: torch.Tensor) -> _LayerRecord:
         heads = q.shape[1]

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import patterns
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -37,6 +36,7 @@ from sparta.kernels import block_mass
 from sparta.kernels.block_mass import CANDIDATE_CONFIGS, TUNED_CONFIGS
 
 import harness
+import patterns
 
 BLOCK, HEAD_DIM, HEADS, ANSWER, KEEP = 128, 128, 16, 1024, 0.3
 LENGTHS = (4096, 16384, 32768)

@@ -40,6 +40,7 @@ from sparta.attention import (
     SparseDSchedule,
     VideoGrid,
     attend,
+    calibration_error,
     invert_permutation,
     video_candidates,
 )
@@ -253,12 +254,8 @@ def bench_video_plan(rec, dense_ms, costs_path, plan_path):
                            cost_model=CostModel.load(costs_path), stripe_blocks=(1, 4, 8))
     for seed in (1, 2):  # calibration samples
         search.observe(0, *synthetic_qkv(video_positions(), VIDEO_HEADS, seed=seed))
-    for lam in (0.1 * 0.8 ** i for i in range(25)):  # the cheapest plan within 4.5% on calibration
-        plan = search.plan(lam)
-        stats = plan.stats[0]
-        calibration_err = math.sqrt(sum(s["rel_mse"] for s in stats) / len(stats))
-        if calibration_err <= 0.045:
-            break
+    plan, lam = search.plan_within(0.045)
+    stats, calibration_err = plan.stats[0], calibration_error(plan)
     plan.save(plan_path)
     q, k, v = synthetic_qkv(video_positions(), VIDEO_HEADS, seed=3)
     heads, tokens = q.shape[1], q.shape[2]

@@ -20,8 +20,9 @@ def export(model_dir: Path, out: Path) -> Path:
     config = read_config(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(model_dir / MODEL_FILE, out / MODEL_FILE)
-    shutil.copyfile(Path(config["corpus_dir"]) / TOKENIZER_FILE, out / TOKENIZER_FILE)
-    keep = ("model_config", "corpus_dir", "seq_len", "mlflow_run_id", "tracking_uri", "step")
+    if not config.get("video_data"):  # token models need their tokenizer; video models have none
+        shutil.copyfile(Path(config["corpus_dir"]) / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    keep = ("model_config", "corpus_dir", "seq_len", "video_data", "mlflow_run_id", "tracking_uri", "step")
     (out / EXPORT_CONFIG).write_text(json.dumps({**{k: config.get(k) for k in keep}, "source": str(model_dir)}, indent=1))
     return out
 

@@ -24,22 +24,24 @@ Video DiT keys: samples (clips, default 2, or as many as labels), labels (class 
 samples - 1 mod model.num_classes), steps (20 Euler steps), cfg_scale (1.0: no guidance), seed (0:
 the noise, the same for both attention kinds), attention (dense | plan | both; default both when a
 plan is found, else dense), plan (a plan YAML; default the run's search/plan.yaml artifact, else
-<checkpoint>/search/plan.yaml, as launch/search.py writes them), backend (auto: triton on a GPU,
-reference on the CPU), fps (8), out (default <checkpoint>/generate). Writes each clip as
-out/video-<attention>-<i>.gif and .mp4 and logs them to the run under generate/, with the metrics
-generate/video/<attention>/wall_s (end-to-end sampling), generate/video/attention_share (of one
-dense denoising step's time, against the step with every attention output zeroed) and, with both
-kinds, generate/video/plan/speedup (dense wall over plan wall), generate/video/plan/psnr and
-.../ssim (the plan's clips against the dense ones). A progress bar follows the denoising steps.
+<checkpoint>/search/plan.yaml, as launch/search.py writes them, else the model.plan the run trained
+with), backend (auto: triton on a GPU, reference on the CPU), fps (the run's data.fps), formats
+([gif, mp4]), out (default <checkpoint>/generate). Writes each clip as out/video-<attention>-<i>.gif
+and .mp4 and logs them to the run under generate/, with the metrics generate/video/<attention>/wall_s (end-to-end sampling),
+generate/video/attention_share (of one dense denoising step's time, against the step with every
+attention output zeroed) and, with both kinds, generate/video/plan/speedup (dense wall over plan
+wall), generate/video/plan/psnr and .../ssim (the plan's clips against the dense ones). A progress
+bar follows the denoising steps.
 
 Exit code 2: bad input, refused before any sampling.
 """
 
 import contextlib
+import importlib.util
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -231,15 +233,21 @@ class VideoConfig:
     cfg_scale: float = 1.0            # classifier-free guidance (1: none)
     seed: int = 0                     # the noise, shared by both attention kinds
     attention: str | None = None      # dense | plan | both; None: both with a plan, else dense
-    plan: str | None = None           # plan YAML; None: the run's search/plan.yaml, else <checkpoint>/search/plan.yaml
+    plan: str | None = None           # plan YAML; None: the run's search/plan.yaml, <checkpoint>/search/plan.yaml
+                                      # or the model.plan the run trained with, the first found
     backend: str = "auto"             # what runs the plan: auto | triton | reference
-    fps: float = 8.0                  # of the written videos
+    fps: float | None = None          # of the written videos; None: the run's data.fps
+    formats: list[str] = field(default_factory=lambda: ["gif", "mp4"])  # the files written of each clip
     out: str | None = None            # None: <checkpoint>/generate
 
 
-def check_video(cfg: VideoConfig, model_cfg, device: torch.device) -> str:
-    """Refuse settings the model cannot run, naming the key; fills in samples and labels and returns
+def check_video(cfg: VideoConfig, model_cfg, run_fps: float, device: torch.device) -> str:
+    """Refuse settings the model cannot run, naming the key; fills in samples, labels and fps and returns
     the backend that runs the plan."""
+    if model_cfg.plan and not Path(model_cfg.plan).is_file():
+        raise ValueError(f"model.plan={model_cfg.plan}: the plan this run trained with is not on this machine; copy "
+                         "it to that path (the model is built with it)")
+    cfg.fps = run_fps if cfg.fps is None else cfg.fps
     if cfg.samples is None:
         cfg.samples = len(cfg.labels) if cfg.labels else 2
     if cfg.labels is None:
@@ -253,6 +261,9 @@ def check_video(cfg: VideoConfig, model_cfg, device: torch.device) -> str:
          f"class ids in [0, {model_cfg.num_classes}) (model.num_classes)", cfg.labels),
         (cfg.steps >= 1, "steps", ">= 1", cfg.steps),
         (cfg.fps > 0, "fps", "> 0", cfg.fps),
+        (bool(cfg.formats) and set(cfg.formats) <= {"gif", "mp4"}, "formats", "a list of gif and mp4", cfg.formats),
+        ("mp4" not in cfg.formats or importlib.util.find_spec("imageio_ffmpeg") is not None, "formats",
+         "gif only where the imageio-ffmpeg package (the train extra's) is not installed", cfg.formats),
         (cfg.attention in (None, *VIDEO_ATTENTION), "attention", f"one of {', '.join(VIDEO_ATTENTION)}", cfg.attention),
         (cfg.backend in BACKENDS, "backend", f"one of {', '.join(BACKENDS)}", cfg.backend),
         (model_cfg.in_channels in (1, 3), "model.in_channels", "1 (grey) or 3 (RGB) to write videos",
@@ -271,9 +282,10 @@ def check_video(cfg: VideoConfig, model_cfg, device: torch.device) -> str:
     return backend
 
 
-def find_plan(cfg: VideoConfig, model_dir: Path, run_id: str | None, uri: str) -> tuple[Plan | None, str]:
+def find_plan(cfg: VideoConfig, model_dir: Path, run_id: str | None, uri: str,
+              model_plan: str | None) -> tuple[Plan | None, str]:
     """(the plan, where it came from): plan=..., else the run's search/plan.yaml artifact, else the one
-    launch/search.py wrote under the checkpoint; (None, "") if there is none."""
+    launch/search.py wrote under the checkpoint, else the run's model.plan; (None, "") if there is none."""
     with tempfile.TemporaryDirectory() as scratch:
         if cfg.plan:
             path, source = Path(cfg.plan), f"plan={cfg.plan}"
@@ -288,6 +300,8 @@ def find_plan(cfg: VideoConfig, model_dir: Path, run_id: str | None, uri: str) -
                 if any(artifact.path == PLAN_ARTIFACT for artifact in client.list_artifacts(run_id, "search")):
                     path = Path(client.download_artifacts(run_id, PLAN_ARTIFACT, scratch))
                     source = f"plan (the {PLAN_ARTIFACT} artifact of run {run_id})"
+            if not path.is_file() and model_plan:
+                path, source = Path(model_plan), f"model.plan={model_plan} (the plan the run trained with)"
             if not path.is_file():
                 return None, ""
         try:
@@ -372,8 +386,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, window: int 
     return float(ssim_map.mean())
 
 
-def write_videos(videos: torch.Tensor, kind: str, out: Path, fps: float) -> list[Path]:
-    """Each clip [C, T, H, W] in [-1, 1] as out/video-<kind>-<i>.gif and .mp4 (H.264); the files."""
+def write_videos(videos: torch.Tensor, kind: str, out: Path, fps: float, formats: list[str]) -> list[Path]:
+    """Each clip [C, T, H, W] in [-1, 1] as out/video-<kind>-<i>.gif and/or .mp4 (H.264); the files."""
     import imageio.v3 as iio  # only video runs need imageio (the train extra's)
 
     frames = ((videos + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]
@@ -381,11 +395,13 @@ def write_videos(videos: torch.Tensor, kind: str, out: Path, fps: float) -> list
     out.mkdir(parents=True, exist_ok=True)
     files = []
     for index, clip in enumerate(frames.contiguous().numpy()):
-        gif, mp4 = out / f"video-{kind}-{index}.gif", out / f"video-{kind}-{index}.mp4"
-        iio.imwrite(gif, clip, plugin="pillow", duration=1000 / fps, loop=0)
-        # macro_block_size 2: H.264's 4:2:0 needs even sizes; imageio's default 16 would resize the frames
-        iio.imwrite(mp4, clip, plugin="FFMPEG", fps=fps, macro_block_size=2)
-        files += [gif, mp4]
+        if "gif" in formats:
+            files.append(out / f"video-{kind}-{index}.gif")
+            iio.imwrite(files[-1], clip, plugin="pillow", duration=1000 / fps, loop=0)
+        if "mp4" in formats:
+            files.append(out / f"video-{kind}-{index}.mp4")
+            # macro_block_size 2: H.264's 4:2:0 needs even sizes; imageio's default 16 would resize the frames
+            iio.imwrite(files[-1], clip, plugin="FFMPEG", fps=fps, macro_block_size=2)
     return files
 
 
@@ -406,8 +422,9 @@ def generate_videos(args, model_dir: Path, run_id: str | None, uri: str, run_con
     try:
         cfg = parse_config(args.overrides, VideoConfig)
         model_cfg = config_from_dict(run_config["model_config"])
-        backend = check_video(cfg, model_cfg, device)
-        plan, source = find_plan(cfg, model_dir, run_id, uri) if cfg.attention != "dense" else (None, "")
+        backend = check_video(cfg, model_cfg, run_config["video_data"]["fps"], device)
+        plan, source = (find_plan(cfg, model_dir, run_id, uri, model_cfg.plan) if cfg.attention != "dense"
+                        else (None, ""))
         if plan is not None:
             vdit.check_plan(plan, model_cfg, source)
         kinds = video_kinds(cfg, plan)
@@ -425,7 +442,7 @@ def generate_videos(args, model_dir: Path, run_id: str | None, uri: str, run_con
     for kind in kinds:
         videos[kind], metrics[f"generate/video/{kind}/wall_s"] = sample_videos(
             model, noise, labels, cfg, kind, plan if kind == "plan" else None, backend)
-        files += write_videos(videos[kind], kind, out, cfg.fps)
+        files += write_videos(videos[kind], kind, out, cfg.fps, cfg.formats)
     metrics["generate/video/attention_share"] = attention_share(model, noise, labels, cfg.cfg_scale, backend)
     if len(kinds) == 2:
         metrics["generate/video/plan/speedup"] = metrics["generate/video/dense/wall_s"] / metrics["generate/video/plan/wall_s"]

@@ -11,16 +11,19 @@ table of attention/pattern_costs.json, `lam`), which scores each candidate patte
 dense attention. The plan is built for the model's token order, so tiles of the model's own tile run
 on its tokens in place.
 
-Keys: clips (4), times ([0.25, 0.5, 0.75]), lam (0.01), block (the tile's token count if a kernel
-block size, else 128), backend (auto | triton | reference: what computes the sparse outputs of the
-error term; auto: triton on a GPU, reference on the CPU), seed (0: the noise), fps (8.0: the clips'),
-out (default <checkpoint>/search).
+Keys: clips (4), times ([0.25, 0.5, 0.75]), lam (0.01), max_error (none: when set, lam is swept down
+from 1 and the cheapest plan whose calibration error, the root mean relative MSE over all heads,
+is at most max_error wins; it replaces lam), block (the tile's token count if a kernel block size,
+else 128), backend (auto | triton | reference: what computes the sparse outputs of the error term;
+auto: triton on a GPU, reference on the CPU), seed (0: the noise), out (default
+<checkpoint>/search). The clips are the run's own validation clips (its data.* settings and seed).
 
 Writes out/plan.yaml (`sparta.attention.Plan.load` reads it) and out/layouts/layer_XX.png (each
 head's block mask as its kernel sees it); with an MLflow run, logs them as search/plan.yaml and
 search/layouts/ plus search/predicted_speedup (dense attention time over the plan's, from the cost
-model) at the checkpoint's step. Prints one line per layer and the predicted speed-up. A progress
-bar follows the layers of each calibration call. Exit code 2: bad input, refused before any work.
+model), search/calibration_error and search/lam at the checkpoint's step. Prints one line per layer
+and the predicted speed-up. A progress bar follows the layers of each calibration call. Exit code 2:
+bad input, refused before any work.
 """
 
 import math
@@ -33,7 +36,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from sparta.attention import BlockLayout, PatternSearch, Plan, capture_qkv, video_candidates
+from sparta.attention import BlockLayout, PatternSearch, Plan, calibration_error, capture_qkv, video_candidates
 from sparta.kernels.block_layout import SUPPORTED_BLOCK_SIZES
 from sparta.platform.runs import cli, load_model, read_config, resolve_cli
 from sparta.platform.vdit import interpolate
@@ -45,10 +48,10 @@ class SearchConfig:
     clips: int = 4                   # calibration clips
     times: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # noise levels t of each clip
     lam: float = 0.01                # weight of the relative attention time against the relative MSE
+    max_error: float | None = None   # or: the cheapest plan within this calibration error (replaces lam)
     block: int | None = None         # kernel block (tokens); None: the model's tile if it is one
     backend: str = "auto"            # auto | triton | reference
     seed: int = 0                    # the calibration noise
-    fps: float = 8.0                 # the clips' frame rate (data.fps of the run)
     out: str | None = None           # output directory; None: <checkpoint>/search
 
 
@@ -68,6 +71,8 @@ def parse_config(overrides: list[str]) -> SearchConfig:
         raise ValueError(f"times={cfg.times}: expected noise levels in (0, 1]")
     if cfg.block is not None and cfg.block not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block={cfg.block}: expected one of {SUPPORTED_BLOCK_SIZES} (the kernel's block sizes)")
+    if cfg.max_error is not None and cfg.max_error < 0:
+        raise ValueError(f"max_error={cfg.max_error}: expected >= 0 (a root mean relative MSE)")
     if cfg.backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend={cfg.backend!r}: expected auto, triton or reference")
     return cfg
@@ -80,15 +85,14 @@ def default_block(tile: tuple[int, int, int]) -> int:
 
 
 @torch.no_grad()
-def search(model, cfg: SearchConfig, backend: str, device: torch.device) -> Plan:
-    """Calibrate (clips x times dense forward passes) and return the chosen plan."""
+def search(model, cfg: SearchConfig, video: VideoDataConfig, backend: str, device: torch.device) -> tuple[Plan, float]:
+    """Calibrate (clips x times dense forward passes on clips of `video`) and return the chosen plan and
+    its lam."""
     mcfg = model.cfg
     block = cfg.block or default_block(mcfg.tile)
     searcher = PatternSearch(mcfg.grid, video_candidates(mcfg.grid, block=block, tile=mcfg.tile), block=block,
                              lam=cfg.lam, backend=backend, token_order=model.order)
-    source = ProceduralVideo(VideoDataConfig(frames=mcfg.frames, height=mcfg.height, width=mcfg.width,
-                                             channels=mcfg.in_channels, fps=cfg.fps))
-    videos, labels = source.batch([VAL_OFFSET + index for index in range(cfg.clips)])
+    videos, labels = ProceduralVideo(video).batch([VAL_OFFSET + index for index in range(cfg.clips)])
     generator = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(videos.shape, generator=generator)
     with tqdm(total=len(cfg.times) * mcfg.n_layers, desc="search", unit="layer", file=sys.stderr) as bar:
@@ -100,7 +104,7 @@ def search(model, cfg: SearchConfig, backend: str, device: torch.device) -> Plan
             for t in cfg.times:
                 x_t = interpolate(videos, noise, torch.full((cfg.clips,), t))
                 model.velocity(x_t.to(device), torch.full((cfg.clips,), t, device=device), labels.to(device))
-    return searcher.plan()
+    return searcher.plan_within(cfg.max_error) if cfg.max_error is not None else (searcher.plan(), cfg.lam)
 
 
 def predicted_speedup(plan: Plan) -> float:
@@ -123,13 +127,14 @@ def write(plan: Plan, out: Path) -> list[Path]:
     return files
 
 
-def log_to_run(uri: str, run_id: str, out: Path, speedup: float, step: int) -> None:
+def log_to_run(uri: str, run_id: str, out: Path, metrics: dict[str, float], step: int) -> None:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     client.log_artifact(run_id, str(out / "plan.yaml"), "search")
     client.log_artifacts(run_id, str(out / "layouts"), "search/layouts")
-    client.log_metric(run_id, "search/predicted_speedup", speedup, step=step)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value, step=step)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         if family != "vdit":
             raise ValueError(f"{args.run}: a checkpoint of model.family={family}; launch/search.py searches "
                              "attention patterns of model.family=vdit runs (video DiTs)")
+        video = VideoDataConfig(**run_config["video_data"])
     except ValueError as error:
         print(f"search: {error}", file=sys.stderr)
         sys.exit(2)
@@ -151,18 +157,20 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backend = ("triton" if device.type == "cuda" else "reference") if cfg.backend == "auto" else cfg.backend
     model, _ = load_model(model_dir)
-    model.to(device).eval()
-    plan = search(model, cfg, backend, device)
+    model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()  # as the sampler runs it
+    plan, lam = search(model, cfg, video, backend, device)
     out = Path(cfg.out) if cfg.out else model_dir / "search"
     write(plan, out)
-    speedup = predicted_speedup(plan)
+    metrics = {"search/predicted_speedup": predicted_speedup(plan), "search/calibration_error": calibration_error(plan),
+               "search/lam": lam}
     for layer, patterns in sorted(plan.layers.items()):
         print(f"[sparta] layer {layer:2d}: " + ", ".join(f"h{head} {pattern} ({plan.stats[layer][head]['density']:.0%})"
                                                          for head, pattern in enumerate(patterns)))
-    print(f"[sparta] predicted attention speed-up {speedup:.2f}x; plan: {out / 'plan.yaml'}")
+    print(f"[sparta] predicted attention speed-up {metrics['search/predicted_speedup']:.2f}x, calibration error "
+          f"{metrics['search/calibration_error']:.4f} at lam {lam:.4g}; plan: {out / 'plan.yaml'}")
     if run_id:
-        log_to_run(run_config.get("tracking_uri") or uri, run_id, out, speedup, run_config.get("step", 0))
-        print(f"[sparta] logged search/plan.yaml, search/layouts/ and search/predicted_speedup to MLflow run {run_id}")
+        log_to_run(run_config.get("tracking_uri") or uri, run_id, out, metrics, run_config.get("step", 0))
+        print(f"[sparta] logged search/plan.yaml, search/layouts/ and search/* metrics to MLflow run {run_id}")
 
 
 if __name__ == "__main__":

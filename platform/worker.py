@@ -25,7 +25,7 @@ from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
 from sparta.platform import checkpoint
 from sparta.platform.config import JobConfig, deepspeed_config
 from sparta.platform.console import log_to_console_file
-from sparta.platform.data import TokenBatches, open_corpus
+from sparta.platform.data import Prefetched, TokenBatches, open_corpus
 from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_parallel, mark_expert_parameters
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
@@ -126,6 +126,7 @@ def train(args: WorkerArgs) -> None:
     expert_loads = ExpertLoadHistory.from_state(state.get("expert_load"))
     # What a checkpoint needs to be found and rebuilt on its own (launch/export.py, launch/eval.py).
     run_record = {"model_config": asdict(model.cfg), "corpus_dir": args.corpus_dir, "seq_len": seq_len,
+                  "video_data": asdict(job.data.video(trainer.seed)) if job.data.is_video else None,
                   "mlflow_run_id": args.mlflow_run_id, "tracking_uri": args.tracking_uri}
 
     # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
@@ -212,7 +213,7 @@ def open_data(job: JobConfig, corpus_dir: str, shard: int, shards: int):
     ds, seed = job.deepspeed, job.trainer.seed
     if job.data.is_video:
         video = job.data.video(seed)
-        return (VideoBatches(video, ds.micro_batch_size, shard, shards, "train"),
+        return (Prefetched(VideoBatches(video, ds.micro_batch_size, shard, shards, "train")),
                 VideoBatches(video, ds.micro_batch_size, shard, shards, "val"), job.model_config())
     corpus = open_corpus(Path(corpus_dir))
     seq_len = job.data.seq_len

@@ -17,6 +17,7 @@ from sparta.attention import (
     TileOrder,
     VideoGrid,
     attend,
+    calibration_error,
     capture_qkv,
     masked_attention,
     video,
@@ -79,6 +80,24 @@ def test_search_on_tile_major_tokens_chooses_what_it_chooses_on_raster_tokens():
     assert plans[1].layers[0][2] == Pattern.of("stripe", keys=STRIPE_KEYS)
 
 
+def test_plan_within_an_error_budget_is_the_cheapest_plan_that_meets_it():
+    """Each budget's plan keeps its calibration error (root mean rel_mse over heads) within the budget; a
+    larger budget never costs more; a zero budget is met by exact heads only."""
+    search = PatternSearch(GRID, block=16, cost_model=CostModel(), stripe_blocks=(1, 2, 4), backend="reference")
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, GRID.tokens, 16, generator=generator) for _ in range(3))
+    search.observe(0, q, k, v)  # diffuse heads: every pattern but full has an error
+    costs = []
+    for budget in (0.0, 0.05, 0.2, 1.0):
+        plan, lam = search.plan_within(budget)
+        errors = [head["rel_mse"] for head in plan.stats[0]]
+        assert calibration_error(plan) == pytest.approx((sum(errors) / len(errors)) ** 0.5)
+        assert calibration_error(plan) <= budget
+        assert plan.layers == search.plan(lam).layers
+        costs.append(sum(head["cost"] for head in plan.stats[0]))
+    assert costs == sorted(costs, reverse=True) and costs[-1] < costs[0]
+
+
 def test_plan_round_trips_through_yaml(tmp_path):
     plan = Plan(VideoGrid(2, 4, 8, text=3), 16, {
         0: [Pattern.of("tiles", tile=(1, 2, 8), window=(3, 1, 1)), Pattern.of("skip")],
@@ -88,7 +107,7 @@ def test_plan_round_trips_through_yaml(tmp_path):
     path = tmp_path / "plan.yaml"
     plan.save(path)
     loaded = Plan.load(path)
-    assert (loaded.grid, loaded.block, loaded.layers) == (plan.grid, plan.block, plan.layers)
+    assert (loaded.grid, loaded.block, loaded.layers, loaded.stats) == (plan.grid, plan.block, plan.layers, plan.stats)
     text = path.read_text()
     assert "pattern: tiles" in text and "rel_mse: 0.01" in text
 
@@ -187,6 +206,7 @@ def test_capture_feeds_every_layer_to_the_search():
     (lambda: capture_qkv(nn.Sequential(SparseAttention(8, 2), SparseAttention(8, 2)), print).__enter__(), "layer"),
     (lambda: PatternSearch(GRID, backend="dense"), "backend"),
     (lambda: PatternSearch(GRID, lam=-1.0), "lam"),
+    (lambda: PatternSearch(GRID, cost_model=CostModel()).plan_within(-0.1), "max_error"),
     (lambda: PatternSearch(GRID, cost_model=CostModel()).plan(), "observe"),
     (lambda: PatternSearch(GRID, cost_model=CostModel()).observe(0, *(torch.zeros(1, 1, 10, 4),) * 3), "q"),
     (lambda: Plan(GRID, 16, {0: [Pattern.of("full")]})(torch.zeros(1, 2, 4, 4), None, 0), "q"),

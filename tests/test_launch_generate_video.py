@@ -3,6 +3,7 @@ store, CPU, the reference backend): videos with dense attention and a plan, as G
 timings and PSNR / SSIM; the PSNR and SSIM functions; bad input refused before sampling."""
 
 import importlib.util
+import json
 import math
 import re
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from vdit_runs import STEP, make_run, tiny, write_checkpoint
 
 from sparta.attention import Pattern, Plan, TileOrder, VideoGrid
+from sparta.platform.checkpoint import STATE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,6 +120,7 @@ def test_a_plan_of_full_patterns_gives_the_dense_videos(tmp_path):
     (["labels=[0,16]"], r"labels=\[0, 16\]: expected class ids in \[0, 16\) \(model.num_classes\)"),
     (["samples=3", "labels=[1,2]"], r"labels=\[1, 2\]: expected one class id per clip \(samples=3\)"),
     (["steps=0"], r"steps=0: expected >= 1"),
+    (["formats=[avi]"], r"formats=\['avi'\]: expected a list of gif and mp4"),
     (["attention=plan"], r"attention=plan: no plan found; give plan=PATH or run launch/search.py"),
     (["attention=sparse"], r"attention='sparse': expected one of dense, plan, both"),
     (["prompt=hello"], r"prompt: Key 'prompt' not in 'VideoConfig'"),
@@ -147,3 +150,28 @@ def test_bad_input_is_refused_before_sampling_naming_the_key(tmp_path, capsys, a
     assert err.startswith("generate: ") and len(err.splitlines()) == 1
     assert re.search(message, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_fine_tuned_with_a_plan_samples_with_it_and_its_own_frame_rate(tmp_path, capsys):
+    """No plan= and no search/plan.yaml: the plan the run trained with (model.plan); the videos at the run's
+    data.fps, GIFs only with formats=[gif]. A model.plan missing on this machine is refused, naming the key."""
+    checkpoint = tmp_path / "checkpoint"
+    write_checkpoint(checkpoint, tiny(), {})
+    plan_for({layer: [Pattern.of("full")] * 2 for layer in range(2)}).save(tmp_path / "trained-with.yaml")
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state["model_config"]["plan"], state["video_data"]["fps"] = str(tmp_path / "trained-with.yaml"), 5.0
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+
+    GENERATE.main([str(checkpoint), "steps=2", "formats=[gif]", f"out={tmp_path / 'videos'}"])
+    assert "model.plan=" in capsys.readouterr().out
+    for kind in ("dense", "plan"):
+        assert iio.immeta(tmp_path / "videos" / f"video-{kind}-0.gif")["duration"] == 200  # ms a frame: 5 fps
+    assert not list((tmp_path / "videos").glob("*.mp4"))  # formats=[gif]
+
+    (tmp_path / "trained-with.yaml").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        GENERATE.main([str(checkpoint), "steps=2", f"out={tmp_path / 'more'}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("generate: model.plan=") and "not on this machine" in err, err
+    assert not (tmp_path / "more").exists()

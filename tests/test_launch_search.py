@@ -12,7 +12,7 @@ import torch
 from vdit_runs import STEP, make_run
 
 import sparta.kernels as K
-from sparta.attention import Plan, attend, masked_attention
+from sparta.attention import Plan, attend, calibration_error, masked_attention
 from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE
 from sparta.platform.runs import load_model
 
@@ -77,6 +77,21 @@ def test_search_writes_a_plan_for_every_layer_and_head_and_logs_it(run, tmp_path
     assert speedup.step == STEP and speedup.value > 0
 
 
+def test_an_error_budget_picks_the_cheapest_plan_within_it(run, tmp_path):
+    uri, client, run_id, _ = run
+    costs = []
+    for budget in (0.0, 0.3):
+        out = tmp_path / f"budget-{budget}"
+        result = search(uri, run_id, "clips=1", "times=[0.5]", f"max_error={budget}", f"out={out}")
+        assert result.returncode == 0, result.stderr
+        plan = Plan.load(out / "plan.yaml")
+        assert calibration_error(plan) <= budget
+        logged = {key: client.get_metric_history(run_id, key)[-1].value for key in ("search/calibration_error", "search/lam")}
+        assert logged["search/calibration_error"] == pytest.approx(calibration_error(plan), abs=1e-6)
+        costs.append(sum(head["cost"] for layer in plan.stats.values() for head in layer))
+    assert logged["search/lam"] > 0 and costs[1] < costs[0]  # a zero budget: exact heads only (lam 0)
+
+
 def test_bad_input_names_the_argument(run, tmp_path):
     uri, _, _, _ = run
     missing = search(uri, str(tmp_path / "no-such-checkpoint"))
@@ -89,3 +104,5 @@ def test_bad_input_names_the_argument(run, tmp_path):
     assert other.returncode == 2 and "model.family=lm" in other.stderr and str(lm) in other.stderr
     bad_key = search(uri, str(lm), "block=24")
     assert bad_key.returncode == 2 and "block=24" in bad_key.stderr
+    bad_budget = search(uri, str(lm), "max_error=-1")
+    assert bad_budget.returncode == 2 and "max_error=-1" in bad_budget.stderr

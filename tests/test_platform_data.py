@@ -3,6 +3,7 @@
 import json
 import re
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 from sparta.platform.data import (
     TOKENIZER_PATH,
+    Prefetched,
     TokenBatches,
     check_corpus,
     load_tokenizer,
@@ -243,3 +245,20 @@ def test_python_source_builds_and_is_reused(tmp_path):
     assert p["data.train_tokens"] > 1_000_000 and 0.02 < p["data.val_tokens"] / p["data.train_tokens"] < 0.1
     assert corpus.train.max() < 8192 and corpus.val[-1] == corpus.eot_id
     assert prepare_corpus("python_source", 8192, 0.05, "uint16", tmp_path, progress=False) == directory
+
+
+def test_prefetched_batches_are_the_batches_and_the_next_is_made_ahead_on_another_thread():
+    made = []  # (index, thread) of every batch made
+
+    class Recording:
+        def get(self, index):
+            made.append((index, threading.current_thread().name))
+            return torch.full((2,), index)
+
+    batches = Prefetched(Recording())
+    for index in [0, 1, 2, 7, 8]:  # in order, then a jump (a resumed run)
+        assert torch.equal(batches.get(index), torch.full((2,), index))
+    batches.pool.shutdown(wait=True)
+    main = threading.current_thread().name
+    assert sorted(index for index, _ in made) == [0, 1, 2, 3, 7, 8, 9]  # 3: made ahead, never used
+    assert sorted(index for index, thread in made if thread == main) == [0, 7]

@@ -13,6 +13,7 @@ from sparta.platform.checkpoint import MODEL_FILE, STATE_FILE, checkpoint_dir
 from sparta.platform.runs import CHECKPOINT_DIR_TAG
 from sparta.platform.tracking import RUN_NAME_TAG
 from sparta.platform.vdit import VDiTConfig, VideoDiT
+from sparta.platform.video_data import VideoDataConfig
 
 STEP = 5
 
@@ -24,7 +25,8 @@ def tiny() -> VDiTConfig:
 
 
 def write_checkpoint(directory: Path, cfg: VDiTConfig, state: dict) -> None:
-    """Random weights (seed 0), perturbed so that attention matters, and the state.json of step STEP."""
+    """Random weights (seed 0), perturbed so that attention matters, and the state.json of step STEP (clips of
+    the data defaults at the model's size)."""
     torch.manual_seed(0)
     model = VideoDiT(cfg)
     with torch.no_grad():  # AdaLN-zero starts every block as the identity: give the attention a say
@@ -32,7 +34,9 @@ def write_checkpoint(directory: Path, cfg: VDiTConfig, state: dict) -> None:
             parameter.add_(0.05 * torch.randn_like(parameter))
     directory.mkdir(parents=True)
     save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(directory / MODEL_FILE))
-    (directory / STATE_FILE).write_text(json.dumps({"step": STEP, "model_config": asdict(cfg), **state}))
+    video = VideoDataConfig(frames=cfg.frames, height=cfg.height, width=cfg.width, channels=cfg.in_channels)
+    (directory / STATE_FILE).write_text(json.dumps({"step": STEP, "model_config": asdict(cfg),
+                                                    "video_data": asdict(video), **state}))
 
 
 def make_run(root: Path, name: str) -> tuple[str, MlflowClient, str, Path]:
