@@ -23,6 +23,11 @@ def sequence_shard(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> t
     return x.narrow(dim, rank * size, size)
 
 
+def sequence_gather(x: torch.Tensor, group: dist.ProcessGroup, dim: int = 1) -> torch.Tensor:
+    """The inverse of `sequence_shard`: every rank's shard along `dim`, in rank order (differentiable)."""
+    return funcol.all_gather_tensor_autograd(x.contiguous(), dim, group)
+
+
 def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """[B, H, N/P, D] (all heads, this rank's tokens) -> [B, H/P, N, D] (this rank's heads, all tokens)."""
     ranks = dist.get_world_size(group)

@@ -192,6 +192,8 @@ class JobConfig:
                 for model_key, data_key in VIDEO_SIZE_KEYS.items():
                     message = message.replace(model_key, data_key)
             raise ConfigError(message) from None
+        if job.data.is_video:
+            _check_video_split(job.model_config(), job.parallel.sequence)
         return job
 
     def moe_config(self) -> MoEConfig | None:
@@ -315,7 +317,6 @@ def _check_ranges(job: JobConfig) -> None:
          "0, 1 or 2 with model.ffn=moe (ZeRO-3 does not gather the grouped experts' weights for their backward)",
          ds.zero_stage),
         *([] if d.is_video else _token_model_checks(m, d, sp)),
-        (sp == 1 or not d.is_video, "parallel.sequence", "1 for model.family=vdit (its tokens are not split yet)", sp),
         (t.num_workers is None or t.num_workers >= 1, "trainer.num_workers", ">= 1 or null (one per GPU, else 2)", t.num_workers),
         (t.cpus_per_worker > 0, "trainer.cpus_per_worker", "> 0 (a fraction shares a CPU)", t.cpus_per_worker),
         *[(getattr(t, k) >= 1, f"trainer.{k}", ">= 1", getattr(t, k))
@@ -375,6 +376,14 @@ def _token_model_checks(m: dict, d: DataConfig, sp: int) -> list[tuple]:
         (sp == 1 or d.seq_len % sp == 0, "parallel.sequence", f"a divisor of data.seq_len={d.seq_len} (each rank "
          "holds an equal shard of the sequence)", sp),
     ]
+
+
+def _check_video_split(cfg: VDiTConfig, sp: int) -> None:
+    """A sequence-parallel rank holds an equal share of a clip's tokens and attends with its share of the heads."""
+    if cfg.grid.tokens % sp or cfg.n_heads % sp:
+        raise ConfigError(f"parallel.sequence={sp}: expected a divisor of model.n_heads={cfg.n_heads} and of the "
+                          f"{cfg.grid.tokens} tokens of a clip (the grid {cfg.grid.frames} x {cfg.grid.height} x "
+                          f"{cfg.grid.width} of data.frames/height/width over model.patch)")
 
 
 def _tracking_uri_ok(uri: str) -> bool:

@@ -22,6 +22,11 @@ classifier-free guidance) give every block the shift, scale and gate of its two 
 final layer a shift and scale. The modulations and the output projection start at zero, so every
 block starts as the identity and the model as the velocity 0.
 
+Sequence parallelism (`sp_group`, training): each of the P ranks of the group takes an equal, contiguous
+share of the tile-major tokens (whole tiles where the tiles divide N / P), the attention layers trade
+it for whole heads (Ulysses all-to-alls, a plan's heads following them), and the rank's loss is the
+MSE over its own tokens, so the group's mean is the whole clips' loss. `velocity` gathers the shares.
+
 Flow matching (rectified flow): x_t = (1 - t) x0 + t noise; the model predicts the velocity
 v = noise - x0 under an MSE loss. t ~ logit-normal(0, 1) (SD3: Esser et al., 2024, the best of the
 schedules they compared): it spends the training on middle t, where the velocity is hardest to
@@ -41,10 +46,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from sparta.attention import Plan, SparseAttention, TileOrder, VideoGrid, invert_permutation
+from sparta.attention import (
+    Plan,
+    SparseAttention,
+    TileOrder,
+    VideoGrid,
+    invert_permutation,
+    sequence_gather,
+    sequence_shard,
+)
 from sparta.attention.module import BACKENDS
 from sparta.moe import MoE, MoEConfig
 from sparta.platform.dlm import use_attention
@@ -139,12 +153,13 @@ class DiTBlock(CheckpointedBlock):
     Called by `lm.run_blocks` as `block(x, doc_ids, prev_router_logits, cond)`, as the LM's blocks are.
     """
 
-    def __init__(self, cfg: VDiTConfig, layer: int, order: TileOrder, ep_group=None):
+    def __init__(self, cfg: VDiTConfig, layer: int, order: TileOrder, ep_group=None, sp_group=None):
         super().__init__()
         d = cfg.d_model
         self.attention_norm = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.attention = SparseAttention(d, cfg.n_heads, rotary="3d", grid=cfg.grid, token_order=order,
-                                         rotary_base=cfg.rope_theta, layer=layer, backend=cfg.attention_backend)
+                                         rotary_base=cfg.rope_theta, layer=layer, backend=cfg.attention_backend,
+                                         sequence_group=sp_group)
         self.ffn_norm = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.ffn = MoE(d, cfg.moe, ep_group) if cfg.is_moe_layer(layer) else SwiGLU(d, cfg.d_ff)
         self.modulation = nn.Linear(d, 6 * d)
@@ -169,16 +184,18 @@ class VideoDiT(nn.Module):
 
     def __init__(self, cfg: VDiTConfig, ep_group=None, sp_group=None):
         super().__init__()
-        if sp_group is not None:
-            raise ValueError("parallel.sequence: the video DiT does not split its tokens over ranks yet; expected 1")
-        self.cfg = cfg
+        ranks = 1 if sp_group is None else dist.get_world_size(sp_group)
+        if cfg.grid.tokens % ranks or cfg.n_heads % ranks:
+            raise ValueError(f"parallel.sequence={ranks}: expected a divisor of the {cfg.grid.tokens} tokens of the grid "
+                             f"{cfg.grid} and of model.n_heads={cfg.n_heads}")
+        self.cfg, self.sp_group = cfg, sp_group
         init_seed = int(torch.randint(0, 2**62, ()))  # before the layers draw their own (layout-dependent) inits
         self.order = TileOrder(cfg.grid, cfg.tile)
         d = cfg.d_model
         self.patch_embed = nn.Linear(cfg.patch_dim, d)
         self.time_embed = nn.Sequential(nn.Linear(TIME_FEATURES, d), nn.SiLU(), nn.Linear(d, d))
         self.class_embed = nn.Embedding(cfg.num_classes + 1, d)  # + the null class
-        self.blocks = nn.ModuleList(DiTBlock(cfg, layer, self.order, ep_group) for layer in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(DiTBlock(cfg, layer, self.order, ep_group, sp_group) for layer in range(cfg.n_layers))
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=cfg.norm_eps)
         self.final_modulation = nn.Linear(d, 2 * d)
@@ -188,7 +205,7 @@ class VideoDiT(nn.Module):
             plan = Plan.load(cfg.plan)
             check_plan(plan, cfg, "model.plan")
             use_attention(self, plan, cfg.attention_backend)
-        self.noise = NoiseStreams()
+        self.noise = NoiseStreams(sp_group)
 
     def _init_weights(self, seed: int, ep_group) -> None:
         """The LM's layout-independent init (each weight drawn whole from a generator seeded by `seed`
@@ -233,15 +250,23 @@ class VideoDiT(nn.Module):
         self._check_inputs(x_t, labels, "x_t")
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t: expected shape ({x_t.shape[0]},) (one time per clip), got {tuple(t.shape)}")
-        return self._predict(x_t, t, labels)[0]
+        tokens, _ = self._predict(x_t, t, labels)
+        return self.unpatchify(tokens if self.sp_group is None else sequence_gather(tokens, self.sp_group))
 
     def _predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor):
+        """The velocity of this rank's tokens [B, N / P, patch_dim] (tile-major; all N without a sequence
+        group) and the MoE layers' aux outputs."""
         dtype = self.patch_embed.weight.dtype  # the engine's (bf16 under DeepSpeed); inputs come in fp32
-        x = self.patch_embed(self.patchify(x_t).to(dtype))
+        x = self.patch_embed(self._own_tokens(x_t).to(dtype))
         cond = self.time_embed(timestep_features(t).to(dtype)) + self.class_embed(labels)
         x, auxes = run_blocks(self.blocks, x, None, cond)
         shift, scale = self.final_modulation(F.silu(cond))[:, None].chunk(2, dim=-1)
-        return self.unpatchify(self.final(modulate(self.final_norm(x), shift, scale))), auxes
+        return self.final(modulate(self.final_norm(x), shift, scale)), auxes
+
+    def _own_tokens(self, videos: torch.Tensor) -> torch.Tensor:
+        """The patches of this rank's share of the tile-major tokens: whole tiles, as far as tiles divide N / P."""
+        tokens = self.patchify(videos)
+        return tokens if self.sp_group is None else sequence_shard(tokens, self.sp_group)
 
     def forward(self, videos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         self._check_inputs(videos, labels, "videos")
@@ -249,7 +274,9 @@ class VideoDiT(nn.Module):
         dropout = self.cfg.class_dropout if self.training else 0.0
         noise, t, labels = draw_flow_inputs(x0, labels, dropout, self.cfg.null_class, self.noise.next(self.training, x0.device))
         prediction, auxes = self._predict(interpolate(x0, noise, t), t, labels)
-        return with_aux_losses(flow_matching_loss(prediction, x0, noise), auxes, self.cfg.moe)
+        # on this rank's tokens: equal shards, so the sequence group's mean is the whole clips' MSE
+        loss = flow_matching_loss(prediction, self._own_tokens(x0), self._own_tokens(noise))
+        return with_aux_losses(loss, auxes, self.cfg.moe)
 
     def _check_inputs(self, videos: torch.Tensor, labels: torch.Tensor, name: str) -> None:
         cfg = self.cfg
@@ -306,7 +333,8 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch
 
 
 def flow_matching_loss(prediction: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """MSE (fp32) between the predicted velocity and the rectified flow's, v = noise - x0."""
+    """MSE (fp32) between the predicted velocity and the rectified flow's, v = noise - x0, in any layout
+    (videos, or the patches of a rank's tokens)."""
     return F.mse_loss(prediction.float(), noise - x0)
 
 

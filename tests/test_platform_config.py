@@ -91,7 +91,8 @@ MOE = ("model.ffn=moe", "moe.num_experts=4")
     (("data=procedural_video",), r"data.corpus=.procedural_video.: expected a token corpus .* for model.family=lm"),
     (("experiment=vdit_smoke", "data.height=30"), r"data.height=30: expected a multiple of model.patch\[1\]=4"),
     (("experiment=vdit_smoke", "data.fps=0"), r"data.fps=0.0: expected a positive number"),
-    (("experiment=vdit_smoke", "parallel.sequence=2"), r"parallel.sequence=2: expected 1 for model.family=vdit"),
+    (("experiment=vdit_smoke", "parallel.sequence=4"),
+     r"parallel.sequence=4: expected a divisor of model.n_heads=2 and of the 256 tokens of a clip \(the grid 4 x 8 x 8"),
     (("experiment=vdit_smoke", "+model.frames=4"), r"model.frames: unknown key \(it is set by the data\)"),
 ])
 def test_impossible_moe_and_parallel_settings_are_refused(overrides, message):

@@ -1,6 +1,6 @@
 """Sequence parallelism in the model families, without Ray: P gloo ranks each run their shard of the
-same sequences (Ulysses all-to-alls around attention) and together give the single-process model's
-loss and gradients; activation checkpointing changes neither.
+same sequences or clips (Ulysses all-to-alls around attention) and together give the single-process
+model's loss and gradients; activation checkpointing changes neither.
 
 The rule the trainer relies on: the mean over a sequence-parallel group of the ranks' losses is the
 whole sequences' loss, and the mean of their gradients is its gradient (DeepSpeed then averages over
@@ -19,6 +19,7 @@ from sparta.moe import MoEConfig
 from sparta.platform.dlm import DLMConfig
 from sparta.platform.lm import LMConfig
 from sparta.platform.models import build_model
+from sparta.platform.vdit import VDiTConfig
 
 VOCAB, SEQ, BATCH = 48, 16, 3
 MOE = MoEConfig(router="topk", num_experts=4, top_k=2, d_ff=16, load_balance_coef=0.0, z_loss_coef=0.0)
@@ -28,13 +29,36 @@ CASES = {
                        ffn="moe", moe=MOE, eot_id=0),
     "dlm": DLMConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, max_seq_len=SEQ,
                      prompt_prob=0.5),
+    # 2 x 4 x 8 = 64 tokens in tiles of 16: at P=4 a rank holds one tile
+    "vdit": VDiTConfig(frames=2, height=16, width=32, patch=(1, 4, 4), tile=(1, 2, 8), d_model=32, n_layers=2, n_heads=4),
 }
 
 
-def loss_and_grads(model, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    torch.manual_seed(7)  # the dLM's noise stream starts from the initial seed
+def inputs(name: str, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's training inputs: next-token windows, or clips and labels made from the same seed."""
+    if name != "vdit":
+        return tokens[:, :-1], tokens[:, 1:]
+    generator = torch.Generator().manual_seed(int(tokens.sum()))
+    return torch.randn(BATCH, 3, 2, 16, 32, generator=generator), torch.randint(0, 16, (BATCH,), generator=generator)
+
+
+def build(name: str, sp_group=None):
+    """The family's model from seed 0; the video DiT's AdaLN-zero modulations perturbed, so that every
+    block computes something and every weight gets a gradient."""
+    torch.manual_seed(0)
+    model = build_model(CASES[name], sp_group=sp_group)
+    if name == "vdit":
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def loss_and_grads(model, name: str, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(7)  # the diffusion models' noise streams start from the initial seed
     model.train()
-    loss, _ = model(tokens[:, :-1], tokens[:, 1:])
+    loss, _ = model(*inputs(name, tokens))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -42,11 +66,10 @@ def loss_and_grads(model, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str,
 
 
 def reference(name: str, tokens: torch.Tensor, checkpointed: bool = False):
-    torch.manual_seed(0)
-    model = build_model(CASES[name])
+    model = build(name)
     for block in model.blocks:
         block.checkpointed = checkpointed
-    return loss_and_grads(model, tokens)
+    return loss_and_grads(model, name, tokens)
 
 
 def assert_matches(loss, grads, want_loss, want_grads, what: str) -> None:
@@ -60,9 +83,7 @@ def _rank(rank: int, init_file: str, world: int, tokens: torch.Tensor, reference
     join_process_group(rank, init_file, world, "gloo")
     try:
         for name in CASES:
-            torch.manual_seed(0)
-            model = build_model(CASES[name], sp_group=dist.group.WORLD)
-            loss, grads = loss_and_grads(model, tokens)
+            loss, grads = loss_and_grads(build(name, dist.group.WORLD), name, tokens)
             dist.all_reduce(loss)
             for grad in grads.values():
                 dist.all_reduce(grad)
