@@ -6,7 +6,7 @@ previous layer's logits, BlockFFN's losses the positions inside packed documents
 slot j sends it to expert `slot_expert[t, j]` with weight `slot_weight[t, j]` (-1 = unused slot).
 Experts are indexed FFN experts first (0..N-1), then, for MoE++, zero, copy and constant experts.
 """
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,8 +24,10 @@ from .losses import (
 )
 
 
-@dataclass
-class Routing:
+class Routing(NamedTuple):
+    """A router's output (a named tuple, so that ZeRO-3's hooks find its tensors and re-gather the router's
+    weight for the backward)."""
+
     slot_expert: torch.Tensor     # [T, S] int64, -1 = the slot is unused
     slot_weight: torch.Tensor     # [T, S] fp32 gate of each slot
     probs: torch.Tensor           # [T, E_router] fp32 routing distribution (entropy, balance)

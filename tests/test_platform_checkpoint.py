@@ -26,17 +26,20 @@ def process_group():
 
 
 def engine_for(zero_stage: int, seed: int = 0):
-    """A 2-layer MoE++ LM; under ZeRO-3 a dense one (MoE layers are refused with ZeRO-3: config.py)."""
+    """A 2-layer MoE++ LM (under ZeRO-3 too: the router's output is a named tuple, so ZeRO-3's hooks
+    re-gather its weight for the backward)."""
     import deepspeed
 
     torch.manual_seed(seed)
-    moe = MoEConfig(router="moepp", num_experts=4, top_k=2, d_ff=32) if zero_stage < 3 else None
+    moe = MoEConfig(router="moepp", num_experts=4, top_k=2, d_ff=32)
     model = TransformerLM(LMConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64,
-                                   max_seq_len=16, ffn="moe" if moe else "dense", moe=moe, eot_id=0))
+                                   max_seq_len=16, ffn="moe", moe=moe, eot_id=0))
     ds = DeepSpeedConfig(zero_stage, "fp32", 1.0, 1, 4, OptimizerConfig("adamw", 1e-2, (0.9, 0.95), 1e-8, 0.1),
                          LRScheduleConfig("warmup_cosine", 2, 0.1))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, 0.1),
-                                      config=deepspeed_config(ds, 20, use_gpu=False), dist_init_required=False)
+    config = deepspeed_config(ds, 20, use_gpu=False)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # ZeRO-3: even small weights come and go
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, 0.1), config=config,
+                                      dist_init_required=False)
     return engine, model
 
 
@@ -56,7 +59,7 @@ def train_steps(engine, steps) -> list[float]:
     return losses
 
 
-@pytest.mark.parametrize("saved_stage, loaded_stage", [(0, 0), (1, 1), (2, 2), (3, 3), (2, 0), (1, 2)])
+@pytest.mark.parametrize("saved_stage, loaded_stage", [(0, 0), (1, 1), (2, 2), (3, 3), (2, 0), (1, 2), (2, 3)])
 def test_resumed_engine_takes_the_same_steps(tmp_path, saved_stage, loaded_stage):
     engine, model = engine_for(saved_stage)
     train_steps(engine, range(5))
