@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-from sparta.attention import attend, capture_qkv
-from sparta.attention.search import Plan
+from sparta.attention import Plan, attend, capture_qkv
 from sparta.platform.models import config_from_dict
 from sparta.platform.runs import load_model, read_config, resolve
 from sparta.platform.vdit import interpolate
@@ -58,10 +57,9 @@ class Bench:
         self.state.update(values)
         self.state_file.write_text(json.dumps(self.state, indent=1))
 
-    def forget_after(self, stage: str) -> None:
-        """A new model or plan: what later stages measured was of the old one."""
-        for key in ("dense", "search", "attention", "sample", "finetune", "sample_finetuned")[
-                ("train", "search").index(stage) + 1:]:
+    def forget(self, *keys: str) -> None:
+        """What an earlier call measured of the model or plan that this call replaces."""
+        for key in keys:
             self.state.pop(key, None)
 
     def checkpoint(self, run: str) -> Path:
@@ -80,7 +78,7 @@ class Bench:
     # ---- stages ------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        self.forget_after("train")
+        self.forget("search", "attention", "sample", "finetune", "sample_finetuned")
         steps = self.args.train_steps
         shorter = [f"trainer.max_steps={steps}", f"trainer.checkpoint_every={steps}", f"trainer.eval_every={steps}",
                    f"deepspeed.lr_schedule.warmup_steps={max(1, steps // 16)}"] if steps else []
@@ -88,7 +86,7 @@ class Bench:
         self.save(dense=self.train_summary(result))
 
     def search(self) -> None:
-        self.forget_after("search")
+        self.forget("attention", "sample", "finetune", "sample_finetuned")
         self.launch("search.py", "vdit-dense", f"max_error={self.args.max_error}", f"clips={self.args.calibration_clips}")
         metrics = self.run_metrics("vdit-dense")
         plan = Plan.load(self.checkpoint("vdit-dense") / "search" / "plan.yaml")
