@@ -202,9 +202,10 @@ def _copy_into(tensor: torch.Tensor, value: torch.Tensor) -> None:
         return
     import deepspeed  # a ZeRO-3 partition: gather it whole, write it, partition it again
 
+    # Every rank writes its own value: the same on all ranks of the tensor's partition group (for an expert,
+    # the ranks that hold the same experts), whose first rank's copy is the one kept.
     with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
-        if torch.distributed.get_rank() == 0:
-            tensor.data.copy_(value)
+        tensor.data.copy_(value)
 
 
 def _full_fp32(param: torch.Tensor) -> torch.Tensor:

@@ -313,9 +313,6 @@ def _check_ranges(job: JobConfig) -> None:
         (ep >= 1, "parallel.expert", ">= 1", ep),
         (ep == 1 or m["ffn"] == "moe", "parallel.expert", "1 for model.ffn=dense (no experts to shard)", ep),
         (sp >= 1, "parallel.sequence", ">= 1", sp),
-        (ep == 1 or ds.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
-         f"0, 1 or 2 with parallel.expert={ep} (ZeRO-3 partitions every weight over all data-parallel ranks, and "
-         "expert-parallel ranks hold different experts)", ds.zero_stage),
         *([] if d.is_video else _token_model_checks(m, d, sp)),
         (t.num_workers is None or t.num_workers >= 1, "trainer.num_workers", ">= 1 or null (one per GPU, else 2)", t.num_workers),
         (t.cpus_per_worker > 0, "trainer.cpus_per_worker", "> 0 (a fraction shares a CPU)", t.cpus_per_worker),

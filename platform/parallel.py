@@ -23,6 +23,9 @@ data-parallel world so that the gradient does not depend on the layout), but it 
 machinery on when the model holds one of its own `deepspeed.moe.layer.MoE` layers. `ExpertGroups`
 is such a layer with no parameters: DeepSpeed finds it, calls `set_deepspeed_parallelism`, and there
 it registers megatron-core's groups under one name. The MoE layers themselves stay `sparta.moe.MoE`.
+Under ZeRO-3, DeepSpeed 0.19 takes experts only from its AutoEP layers: there it partitions a weight
+marked `ds_zero_placement_family="autoep_expert"` over its expert-data group (the other weights over
+the whole world), so under ZeRO-3 `ExpertGroups` is an AutoEP layer instead, with the same groups.
 """
 
 from dataclasses import dataclass
@@ -52,7 +55,7 @@ class Layout:
     expert_groups: nn.Module | None = None
 
 
-def initialize_parallel(expert: int, sequence: int) -> Layout:
+def initialize_parallel(expert: int, sequence: int, zero_stage: int) -> Layout:
     """Build the parallel groups once per worker (the world group exists)."""
     if expert == 1 and sequence == 1:
         return Layout(dist.get_rank(), dist.get_world_size())
@@ -65,25 +68,28 @@ def initialize_parallel(expert: int, sequence: int) -> Layout:
         layout.sp_group = ps.get_context_parallel_group()
     if expert > 1:
         layout.ep_group = ps.get_expert_model_parallel_group()
-        layout.expert_groups = _deepspeed_marker(layout.ep_group, ps.get_expert_data_parallel_group())
+        layout.expert_groups = _deepspeed_marker(layout.ep_group, ps.get_expert_data_parallel_group(), zero_stage)
     return layout
 
 
 def mark_expert_parameters(model: nn.Module, group_name: str) -> None:
-    """The attributes DeepSpeed reads (`deepspeed.moe.utils.is_moe_param`, the optimizer's MoE groups)."""
+    """The attributes DeepSpeed reads (`deepspeed.moe.utils.is_moe_param`, the optimizer's MoE groups, and
+    ZeRO-3's partition group)."""
     for _, param in expert_parameters(model):
         param.allreduce = False
         param.group_name = group_name
+        param.ds_zero_placement_family = "autoep_expert"
 
 
-def _deepspeed_marker(ep_group, edp_group) -> nn.Module:
+def _deepspeed_marker(ep_group, edp_group, zero_stage: int) -> nn.Module:
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
     from deepspeed.utils import groups
 
-    class ExpertGroups(DeepSpeedMoE):
+    class ExpertGroups(AutoEPMoELayer if zero_stage == 3 else DeepSpeedMoE):
         """Makes DeepSpeed's engine treat the model as an MoE model and hands it megatron-core's groups.
 
-        DeepSpeed's MoE constructor builds experts and a gate; none are needed, so only
+        Either base's constructor builds experts and a gate; none are needed, so only
         `nn.Module.__init__` runs and the attributes the engine reads are set by hand."""
 
         def __init__(self):
@@ -93,7 +99,7 @@ def _deepspeed_marker(ep_group, edp_group) -> nn.Module:
             self.num_experts = 0  # read by DeepSpeed's logging only
             self.num_local_experts = 0
 
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False):
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_=False, folding_group_handles=None):
             groups._EXPERT_PARALLEL_GROUP[self.expert_group_name] = ep_group
             groups._EXPERT_DATA_PARALLEL_GROUP[self.expert_group_name] = edp_group
             groups._EXPERT_PARALLEL_GROUP_RANKS[self.expert_group_name] = dist.get_process_group_ranks(ep_group)

@@ -79,7 +79,7 @@ def train(args: WorkerArgs) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if args.use_gpu else torch.device("cpu")
     deepspeed.utils.logger.setLevel("WARNING")
 
-    layout = initialize_parallel(job.parallel.expert, job.parallel.sequence)
+    layout = initialize_parallel(job.parallel.expert, job.parallel.sequence, job.deepspeed.zero_stage)
     ep_group = layout.ep_group
     ds = job.deepspeed
     # sequence-parallel ranks read the same samples

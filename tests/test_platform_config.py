@@ -79,7 +79,6 @@ MOE = ("model.ffn=moe", "moe.num_experts=4")
     ((*MOE, "moe=moepp", "moe.top_k=9"), r"moe.top_k=9 must be <= the 8 experts .*zero-computation"),
     ((*MOE, "moe.router=switch"), r"moe.router must be one of \('topk', 'blockffn', 'moepp'\), got 'switch'"),
     ((*MOE, "parallel.expert=3"), r"parallel.expert=3: expected a divisor of moe.num_experts=4"),
-    ((*MOE, "deepspeed=zero3", "parallel.expert=2"), r"deepspeed.zero_stage=3: expected 0, 1 or 2 with parallel.expert=2"),
     ((*MOE, "model.first_dense_layers=4"), r"model.first_dense_layers=4: expected < model.n_layers=4"),
     ((*MOE, "moe=blockffn", "moe.chunk_sparsity_coef=0"), r"moe.chunk_sparsity_coef=0: expected > 0 while"),
     (("trainer.chunk_sparsity_schedule.stable_steps=50",), r"trainer.chunk_sparsity_schedule.stable_steps=50: expected > "),
