@@ -27,11 +27,11 @@ plan is found, else dense), plan (a plan YAML; default the run's search/plan.yam
 <checkpoint>/search/plan.yaml, as launch/search.py writes them, else the model.plan the run trained
 with), backend (auto: triton on a GPU, reference on the CPU), fps (the run's data.fps), formats
 ([gif, mp4]), out (default <checkpoint>/generate). Writes each clip as out/video-<attention>-<i>.gif
-and .mp4 and logs them to the run under generate/, with the metrics generate/video/<attention>/wall_s (end-to-end sampling),
-generate/video/attention_share (of one dense denoising step's time, against the step with every
-attention output zeroed) and, with both kinds, generate/video/plan/speedup (dense wall over plan
-wall), generate/video/plan/psnr and .../ssim (the plan's clips against the dense ones). A progress
-bar follows the denoising steps.
+and .mp4 and logs them to the run under generate/, with the metrics generate/video/<attention>/wall_s
+(end-to-end sampling), generate/video/attention_share (of one dense denoising step's time, against
+the step with every attention output zeroed) and, with both kinds, generate/video/plan/speedup (dense
+wall over plan wall), generate/video/plan/psnr and .../ssim (the plan's clips against the dense
+ones). A progress bar follows the denoising steps.
 
 Exit code 2: bad input, refused before any sampling.
 """

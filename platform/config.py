@@ -181,7 +181,7 @@ class JobConfig:
         if job.model["ffn"] == "moe":
             _check_moe(job)
         try:
-            job.model_config(job.data.vocab_size)  # the family's and the data's own checks (model.prompt_prob, ...)
+            model = job.model_config(job.data.vocab_size)  # the family's and the data's own checks (model.prompt_prob, ...)
             if job.data.is_video:
                 job.data.video(job.trainer.seed)
             else:
@@ -193,7 +193,7 @@ class JobConfig:
                     message = message.replace(model_key, data_key)
             raise ConfigError(message) from None
         if job.data.is_video:
-            _check_video_split(job.model_config(), job.parallel.sequence)
+            _check_video_split(model, job.parallel.sequence)
         return job
 
     def moe_config(self) -> MoEConfig | None:

@@ -116,9 +116,9 @@ def test_a_worker_process_killed_mid_run_resumes_and_ends_like_the_uninterrupted
 
 def test_relaunch_resumes_the_run_and_its_mlflow_record_zero3(tmp_path):
     args = ("run_name=again", "deepspeed=zero3", "trainer.log_every=1", "trainer.inject_failure_at_step=23",
-            "trainer.max_failures=0", "trainer.keep_checkpoints=1")
+            "trainer.max_failures=0", "trainer.keep_checkpoints=1", "deepspeed.gradient_accumulation_steps=2")
     output = train(tmp_path, *args, ok=False)
-    assert "injected failure" in output
+    assert "injected failure" in output and "rank 0 failed: InjectedFailure" in output
     client, runs = mlflow_runs(tmp_path)
     assert runs["again"].info.status == "FAILED"
     assert (tmp_path / "ray" / "again" / "injected_failure_step_23").exists()
