@@ -190,6 +190,12 @@ class SparseAttention(nn.Module):
             first = dist.get_rank(sequence_group) * num_heads // ranks
             heads = range(first, first + num_heads // ranks)
         self.core = SparseAttentionCore(layout, layer=layer, backend=backend, heads=heads)
+        if rotary == "3d":  # fixed by the grid: computed once (buffers follow the model's device and dtype)
+            angles = rotary_angles_3d(grid, head_dim, rotary_base)
+            if token_order is not None:
+                angles = angles[token_order.permutation()]
+            self.register_buffer("rotary_cos", angles.cos(), persistent=False)
+            self.register_buffer("rotary_sin", angles.sin(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3:
@@ -206,18 +212,18 @@ class SparseAttention(nn.Module):
         if group is not None:
             q, k, v = (sequence_to_heads(t, group) for t in (q, k, v))
         if self.rotary is not None:  # after the all-to-all every rank holds whole sequences: global positions
-            angles = self._rotary_angles(q.shape[-2], x.device)
-            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+            cos, sin = self._rotary_tables(q.shape[-2], x.device)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.core(q, k, v)
         if group is not None:
             out = heads_to_sequence(out, group)
         return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
-    def _rotary_angles(self, tokens: int, device) -> torch.Tensor:
-        if self.rotary == "1d":
-            return rotary_angles_1d(tokens, self.head_dim, self.rotary_base, device)
-        angles = rotary_angles_3d(self.grid, self.head_dim, self.rotary_base, device)
-        return angles if self.token_order is None else angles[self.token_order.permutation(device)]
+    def _rotary_tables(self, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotary == "3d":
+            return self.rotary_cos, self.rotary_sin
+        angles = rotary_angles_1d(tokens, self.head_dim, self.rotary_base, device)
+        return angles.cos(), angles.sin()
 
 
 def rotary_angles_1d(tokens: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
@@ -237,9 +243,10 @@ def rotary_angles_3d(grid: VideoGrid, head_dim: int, base: float = 10000.0, devi
     return torch.cat([video.new_zeros(grid.text, pairs), video])
 
 
-def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, N, D] by angles [N, D / 2] (rotate-half layout: pair i is (x_i, x_{i + D/2}))."""
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, H, N, D] by the cos and sin of angles [N, D / 2] (rotate-half layout: pair i is
+    (x_i, x_{i + D/2})), in x's dtype."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     first, second = x.chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 

@@ -17,8 +17,8 @@
 
 Patterns are defined on raster tokens. For a model whose tokens are in another order (a video DiT's
 `TileOrder`), search and plan take `token_order`: q, k, v come in that order, and each pattern is
-built for it (`Pattern.build(..., token_order=)`), so the tiles of the model's own order run in
-place, with the heads that need no permutation.
+cut in it (`Pattern.build(..., token_order=)`), so every head of a layer runs in ONE kernel call on
+the tokens as they are, and the search weighs each pattern's density in that order.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import yaml
 from torch import nn
 
-from sparta.attention.layout import BlockLayout, HeadGroup, invert_permutation
+from sparta.attention.layout import BlockLayout, HeadGroup
 from sparta.attention.module import SparseAttentionCore, attend
 from sparta.attention.selection import attention_block_mass
 from sparta.attention.video import Pattern, TileOrder, VideoGrid
@@ -90,11 +90,12 @@ def video_candidates(grid: VideoGrid, *, block: int = 128, tile: Sequence[int] |
     tile = tuple(tile) if tile is not None else default_tile(grid, block)
     tile_counts = [-(-size // t) for size, t in zip((grid.frames, grid.height, grid.width), tile)]
     windows = {tuple(min(w, n) for w, n in zip(window, tile_counts))
-               for window in ((1, 3, 3), (3, 3, 3), (5, 3, 3), (3, 5, 5), (5, 5, 5))}
+               for window in ((1, 1, 1), (3, 1, 1), (grid.frames, 1, 1), (1, 3, 3), (3, 3, 3), (5, 3, 3),
+                              (3, 5, 5), (5, 5, 5))}
     candidates = [Pattern.of("full"), Pattern.of("skip")]
     candidates += [Pattern.of("diagonal", width=w) for w in sorted({max(1, frame * n // 16) for n in (1, 2, 4, 8, 16)})]
     candidates += [Pattern.of("multi_diagonal", width=w, frame_radius=1) for w in sorted({row, 2 * row, frame // 4})]
-    candidates += [Pattern.of("temporal", width=w) for w in sorted({row // 2, row, 2 * row})]
+    candidates += [Pattern.of("temporal", width=w) for w in sorted({0, row // 2, row, 2 * row})]
     candidates += [Pattern.of("spatial", frame_radius=r) for r in range(min(3, grid.frames))]
     candidates += [Pattern.of("tiles", tile=tile, window=w) for w in sorted(windows)]
     candidates += [Pattern.of("stripe", keys=grid.frame_keys(0))]
@@ -153,8 +154,8 @@ class Plan:
 
         The call in the model's own order covers every head, so it needs no copy: full heads have all
         blocks, skipped heads and heads of another order none (they cost nothing). Each other token
-        order (3-D tiles; with a `token_order`, also the raster patterns) then gathers its heads and its
-        output replaces theirs (see `attend`).
+        order (the tiles of a raster model's STA heads; none with a `token_order`) then gathers its heads
+        and its output replaces theirs (see `attend`).
         """
         layouts = {p: self.layout(p, device) for p in set(patterns)}
         heads_by_order: dict[object, list[int]] = {}
@@ -223,7 +224,7 @@ class PatternSearch:
     """Sparse-vDiT's offline search; feed it with `observe` (or `capture_qkv`), then call `plan()`.
 
     Besides the static `candidates`, each head gets data-driven stripes: its `stripe_blocks` most
-    attended key blocks in raster order (chosen from the first call of each layer). `token_order`:
+    attended key blocks (chosen from the first call of each layer). `token_order`:
     the order of the observed tokens (module docstring).
     """
 
@@ -313,19 +314,21 @@ class PatternSearch:
                             torch.zeros((), dtype=torch.float64, device=q.device))
 
     def _stripe_candidates(self, q: torch.Tensor, k: torch.Tensor) -> list[list[Pattern]]:
-        """Per head, a stripe over its most attended key blocks (exact attention, summed over queries)."""
+        """Per head, a stripe over its most attended key blocks (exact attention, summed over queries),
+        blocks of the observed token order: with a `token_order` its keys are the raster ranges of the
+        tokens of those blocks, so the stripe is whole blocks there too."""
         if not self.stripe_blocks:
             return []
-        if self.token_order is not None:  # stripes name raster key ranges
-            k = k.index_select(2, invert_permutation(self.token_order.permutation(k.device)))
         mass = attention_block_mass(q, k, self.block, self.block).sum(dim=(0, 2))  # [H, Kb]
         ranked = mass.argsort(dim=-1, descending=True).cpu()
+        raster = (self.token_order.permutation() if self.token_order is not None
+                  else torch.arange(self.grid.tokens))  # observed token t is raster token raster[t]
         candidates = []
         for count in self.stripe_blocks:
             patterns = []
-            for head_blocks in ranked[:, :count].sort(dim=-1).values.tolist():
-                keys = _merge_ranges([(b * self.block, min((b + 1) * self.block, self.grid.tokens)) for b in head_blocks])
-                patterns.append(Pattern.of("stripe", keys=keys))
+            for head_blocks in ranked[:, :count].tolist():
+                tokens = torch.cat([raster[b * self.block:(b + 1) * self.block] for b in head_blocks]).sort().values
+                patterns.append(Pattern.of("stripe", keys=_token_ranges(tokens.tolist())))
             candidates.append(patterns)
         return candidates
 
@@ -354,12 +357,12 @@ def capture_qkv(model: nn.Module, observe: Callable[[int, torch.Tensor, torch.Te
             handle.remove()
 
 
-def _merge_ranges(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    merged: list[list[int]] = []
-    for start, end in ranges:
-        if merged and merged[-1][1] == start:
-            merged[-1][1] = end
+def _token_ranges(tokens: list[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted distinct token indices as (start, end) ranges of consecutive ones."""
+    ranges: list[list[int]] = []
+    for token in tokens:
+        if ranges and ranges[-1][1] == token:
+            ranges[-1][1] = token + 1
         else:
-            merged.append([start, end])
-    return tuple((start, end) for start, end in merged)
-
+            ranges.append([token, token + 1])
+    return tuple((start, end) for start, end in ranges)

@@ -1,13 +1,15 @@
 """Attention patterns of video diffusion transformers on a (frames, height, width) latent grid.
 
-Token order: the builders assume the raster order, `text` text tokens first, then the video tokens
-in raster order (frame, row, column). A model that keeps its tokens in another order (a video DiT in
-tile-major order) builds with `token_order=` (`Pattern.build`, `in_token_order`): a layout whose own
-order is the model's then runs on the tokens as they are, any other one is handed its tokens in its
-own order by composing the two (`RelativeOrder`).
+Token order: patterns are defined on raster tokens (`text` text tokens first, then the video tokens
+in raster order: frame, row, column). Every builder takes the model's token order (`order`, None:
+raster) and cuts its blocks in it, so the layout runs on the model's tokens as they are: a video
+DiT that keeps its tokens in tile-major order (`TileOrder`) gets the block cover of each pattern in
+that order and no attention call permutes tokens. Only `tiles(reorder=True)` in a raster model
+(sliding tile attention on raster tokens) hands the kernel its tokens in its own tile order.
 Text is global in every pattern except `skip`: text queries attend every key and every query
 attends the text keys. Each builder returns a one-head `BlockLayout` whose blocks are the block
-cover of the pattern's token pairs (a block pair is attended iff some token pair in it is):
+cover of the pattern's token pairs in the order they are cut in (a block pair is attended iff some
+token pair in it is):
 
 - `diagonal(width)`: video token i attends video token j iff |i - j| <= width (raster distance).
 - `multi_diagonal(width, frame_radius)`: |i - j - m * frame_size| <= width for some frame offset
@@ -16,8 +18,9 @@ cover of the pattern's token pairs (a block pair is attended iff some token pair
 - `stripe(keys)`: every query attends the key token ranges `keys` (text, first frame, sinks).
 - `tiles(tile, window)`: sliding tile attention (STA). The grid is cut into tiles of
   (frames, rows, columns); the query's tile attends a window of `window` tiles per axis, centred on
-  it and shifted inwards at the grid's edges. With `reorder=True` the kernel sees the tokens tile
-  after tile (`TileOrder`): a tile of `block` tokens is one block and the window is whole blocks.
+  it and shifted inwards at the grid's edges. In a raster model with `reorder=True` the kernel sees
+  the tokens tile after tile (`TileOrder`): a tile of `block` tokens is one block and the window is
+  whole blocks (as it is in a model whose own order is that tile order).
 - `spatial(frame_radius)`: the frames within +- frame_radius, whole (Sparse VideoGen's spatial head,
   `tiles` with one tile per frame).
 - `skip`: nothing attended, the head outputs zero (the residual carries it). `full`: dense.
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sparta.attention.layout import BlockLayout, TokenOrder, invert_permutation
+from sparta.attention.layout import BlockLayout, TokenOrder
 
 
 @dataclass(frozen=True)
@@ -104,102 +107,94 @@ def _tile_ids(grid: VideoGrid, tile: tuple[int, int, int], device) -> torch.Tens
     return (f // tile[0] * tiles_h + h // tile[1]) * tiles_w + w // tile[2]
 
 
-@dataclass(frozen=True)
-class RelativeOrder:
-    """A layout's token order `order` (None: raster) as seen from tokens already in `model` order.
-
-    Kernel position t holds raster token order[t], which the model keeps at position
-    inverse(model)[order[t]].
-    """
-
-    model: TokenOrder
-    order: TokenOrder | None
-
-    def permutation(self, device: torch.device | str | None = None) -> torch.Tensor:
-        to_model = invert_permutation(self.model.permutation(device))
-        return to_model if self.order is None else to_model[self.order.permutation(device)]
-
-
-def in_token_order(layout: BlockLayout, token_order: TokenOrder | None) -> BlockLayout:
-    """`layout`, built for raster tokens, for a model whose tokens are in `token_order` (None: raster).
-
-    The block mask stays as built; only the order the kernel needs its tokens in changes: none when
-    the layout's order is the model's (tile-major tokens under their own tiles) or when the order
-    cannot matter (all blocks or none: full, skip), else the composition.
-    """
-    if token_order is None:
-        return layout
-    in_place = layout.order == token_order or not layout.mask.any() or bool(layout.mask.all())
-    order = None if in_place else RelativeOrder(token_order, layout.order)
-    return BlockLayout(layout.mask, layout.seqlen_q, layout.seqlen_k, layout.block_q, layout.block_k, order)
-
-
-def diagonal(grid: VideoGrid, width: int, *, block: int = 128, device=None) -> BlockLayout:
-    return multi_diagonal(grid, width, frame_radius=0, block=block, device=device)
+def diagonal(grid: VideoGrid, width: int, *, block: int = 128, device=None,
+             order: TokenOrder | None = None) -> BlockLayout:
+    return multi_diagonal(grid, width, frame_radius=0, block=block, device=device, order=order)
 
 
 def multi_diagonal(grid: VideoGrid, width: int, frame_radius: int | None = 1, *, block: int = 128,
-                   device=None) -> BlockLayout:
-    """Bands at offsets m * frame_size, |m| <= frame_radius (None: all frames), half-width `width`."""
+                   device=None, order: TokenOrder | None = None) -> BlockLayout:
+    """Bands at offsets m * frame_size, |m| <= frame_radius (None: all frames), half-width `width`.
+
+    Cut in any order: `reach[b, i]` says whether some video token j of key block b has i within
+    a band (i = j + m * frame_size + d, |d| <= width), and a block pair is attended iff the query
+    block holds such an i: holds @ reach^T > 0.
+    """
     _check_int("width", width, minimum=0)
     if frame_radius is None:
         frame_radius = grid.frames - 1
     _check_int("frame_radius", frame_radius, minimum=0)
-    start, last = _block_token_ranges(grid.tokens, block, device)
-    # Video index range [lo, hi] of each block (empty, lo > hi, for blocks of text only).
-    lo, hi = (start - grid.text).clamp(min=0), last - grid.text
-    has_video = lo <= hi
-    # Raster differences i - j over a block pair span [d_lo, d_hi]; a band m is hit iff
-    # m * frame_size lies in [d_lo - width, d_hi + width].
-    d_lo, d_hi = lo[:, None] - hi[None, :], hi[:, None] - lo[None, :]
-    frame_size = grid.frame_size
-    m_lo = -torch.div(width - d_lo, frame_size, rounding_mode="floor")  # ceil((d_lo - width) / F)
-    m_hi = torch.div(d_hi + width, frame_size, rounding_mode="floor")
-    hit = m_lo.clamp(min=-frame_radius) <= m_hi.clamp(max=frame_radius)
-    return _layout(grid, hit & has_video[:, None] & has_video[None, :], block)
+    holds = _video_incidence(grid, block, order, device)
+    # On positions padded by `width` each side, so that no step drops a position the next brings back:
+    # widen each held position to +- width (a window sum over prefix sums), then shift by the bands.
+    padded = torch.nn.functional.pad(holds, (width, width))
+    positions = padded.shape[1]
+    prefix = torch.nn.functional.pad(padded.cumsum(dim=1, dtype=torch.int32), (1, 0))
+    index = torch.arange(positions, device=holds.device)
+    widened = (prefix[:, (index + width + 1).clamp(max=positions)] - prefix[:, (index - width).clamp(min=0)]) > 0
+    reach = torch.zeros_like(widened)
+    for offset in range(-frame_radius, frame_radius + 1):
+        shift = offset * grid.frame_size
+        if abs(shift) >= positions:
+            continue
+        if shift >= 0:
+            reach[:, shift:] |= widened[:, :positions - shift]
+        else:
+            reach[:, :positions + shift] |= widened[:, -shift:]
+    reach = reach[:, width:width + holds.shape[1]]
+    hit = holds.float() @ reach.float().T > 0
+    return _layout(grid, hit, block, order)
 
 
-def temporal(grid: VideoGrid, width: int = 0, *, block: int = 128, device=None) -> BlockLayout:
-    return multi_diagonal(grid, width, frame_radius=None, block=block, device=device)
+def temporal(grid: VideoGrid, width: int = 0, *, block: int = 128, device=None,
+             order: TokenOrder | None = None) -> BlockLayout:
+    return multi_diagonal(grid, width, frame_radius=None, block=block, device=device, order=order)
 
 
-def stripe(grid: VideoGrid, keys: Sequence[Sequence[int]], *, block: int = 128, device=None) -> BlockLayout:
-    """Every query attends the key tokens in the ranges `keys` = ((start, end), ...)."""
+def stripe(grid: VideoGrid, keys: Sequence[Sequence[int]], *, block: int = 128, device=None,
+           order: TokenOrder | None = None) -> BlockLayout:
+    """Every query attends the key tokens in the (raster) ranges `keys` = ((start, end), ...)."""
     if not keys:
         raise ValueError("keys: expected at least one (start, end) token range")
-    key_blocks = torch.zeros(_cdiv(grid.tokens, block), dtype=torch.bool, device=device)
+    is_key = torch.zeros(grid.tokens, dtype=torch.bool, device=device)
     for key_range in keys:
         if len(key_range) != 2 or not 0 <= key_range[0] < key_range[1] <= grid.tokens:
             raise ValueError(f"keys: expected ranges (start, end) with 0 <= start < end <= {grid.tokens}, "
                              f"got {tuple(key_range)}")
-        key_blocks[key_range[0] // block: (key_range[1] - 1) // block + 1] = True
-    return _layout(grid, key_blocks[None, :].expand(key_blocks.numel(), -1), block)
+        is_key[key_range[0]:key_range[1]] = True
+    if order is not None:
+        is_key = is_key[order.permutation(device)]
+    key_blocks = _any_per_block(is_key, block)
+    return _layout(grid, key_blocks[None, :].expand(key_blocks.numel(), -1), block, order)
 
 
 def tiles(grid: VideoGrid, tile: Sequence[int], window: Sequence[int], reorder: bool = True, *,
-          block: int = 128, device=None) -> BlockLayout:
-    """Sliding tile attention; `window` counts tiles per axis (clipped to the tile grid)."""
+          block: int = 128, device=None, order: TokenOrder | None = None) -> BlockLayout:
+    """Sliding tile attention; `window` counts tiles per axis (clipped to the tile grid). `reorder`
+    matters in a raster model only (`order=None`): the kernel then sees the tokens in this tile order."""
     tile, window = _check_triple("tile", tile), _check_triple("window", window)
     counts = [_cdiv(size, t) for size, t in zip((grid.frames, grid.height, grid.width), tile)]
     per_axis = [_window_mask(n, min(w, n), device) for n, w in zip(counts, window)]
     allowed = (per_axis[0][:, None, None, :, None, None] & per_axis[1][None, :, None, None, :, None]
                & per_axis[2][None, None, :, None, None, :])
     cells = counts[0] * counts[1] * counts[2]
-    order = TileOrder(grid, tile) if reorder else None
-    return _cell_cover(grid, _tile_ids(grid, tile, device), allowed.reshape(cells, cells), block, order)
+    kernel_order = TileOrder(grid, tile) if reorder and order is None else None
+    return _cell_cover(grid, _tile_ids(grid, tile, device), allowed.reshape(cells, cells), block,
+                       order or kernel_order, kernel_order)
 
 
-def spatial(grid: VideoGrid, frame_radius: int = 0, *, block: int = 128, device=None) -> BlockLayout:
+def spatial(grid: VideoGrid, frame_radius: int = 0, *, block: int = 128, device=None,
+            order: TokenOrder | None = None) -> BlockLayout:
     _check_int("frame_radius", frame_radius, minimum=0)
     return tiles(grid, (1, grid.height, grid.width), (2 * frame_radius + 1, 1, 1), reorder=False,
-                 block=block, device=device)
+                 block=block, device=device, order=order)
 
 
-def full(grid: VideoGrid, *, block: int = 128, device=None) -> BlockLayout:
+def full(grid: VideoGrid, *, block: int = 128, device=None, order: TokenOrder | None = None) -> BlockLayout:
     return BlockLayout.full(1, grid.tokens, block_q=block, block_k=block, device=device)
 
 
-def skip(grid: VideoGrid, *, block: int = 128, device=None) -> BlockLayout:
+def skip(grid: VideoGrid, *, block: int = 128, device=None, order: TokenOrder | None = None) -> BlockLayout:
     blocks = _cdiv(grid.tokens, block)
     mask = torch.zeros(1, 1, blocks, blocks, dtype=torch.bool, device=device)
     return BlockLayout(mask, grid.tokens, grid.tokens, block, block)
@@ -226,12 +221,11 @@ class Pattern:
 
     def build(self, grid: VideoGrid, *, block: int = 128, device=None,
               token_order: TokenOrder | None = None) -> BlockLayout:
-        """The one-head layout for a model whose tokens are in `token_order` (None: raster)."""
+        """The one-head layout for a model whose tokens are in `token_order` (None: raster), cut in that order."""
         try:
-            layout = PATTERNS[self.name](grid, block=block, device=device, **dict(self.params))
+            return PATTERNS[self.name](grid, block=block, device=device, order=token_order, **dict(self.params))
         except TypeError as error:  # a parameter the builder does not take
             raise ValueError(f"params: {self}: {error}") from None
-        return in_token_order(layout, token_order)
 
     def to_dict(self) -> dict:
         return {"pattern": self.name, "params": {key: _thaw(value) for key, value in self.params}}
@@ -246,21 +240,21 @@ class Pattern:
         return f"{self.name}({', '.join(f'{key}={_thaw(value)}' for key, value in self.params)})"
 
 
-def _layout(grid: VideoGrid, mask: torch.Tensor, block: int, order: TileOrder | None = None) -> BlockLayout:
-    """One-head layout from a [Qb, Kb] video mask, with the blocks holding text made global."""
+def _layout(grid: VideoGrid, mask: torch.Tensor, block: int, order: TokenOrder | None,
+            kernel_order: TokenOrder | None = None) -> BlockLayout:
+    """One-head layout from a [Qb, Kb] video mask cut in `order` (None: raster), with the blocks holding
+    text made global. `kernel_order`: the order the kernel needs the model's tokens in (None: as they are)."""
     is_text = torch.arange(grid.tokens, device=mask.device) < grid.text
     if order is not None:
         is_text = is_text[order.permutation(mask.device)]
-    blocks = _cdiv(grid.tokens, block)
-    text_block = torch.zeros(blocks, device=mask.device).index_add_(
-        0, torch.arange(grid.tokens, device=mask.device) // block, is_text.float()) > 0
+    text_block = _any_per_block(is_text, block)
     mask = mask | text_block[:, None] | text_block[None, :]
-    return BlockLayout(mask[None, None], grid.tokens, grid.tokens, block, block, order)
+    return BlockLayout(mask[None, None], grid.tokens, grid.tokens, block, block, kernel_order)
 
 
 def _cell_cover(grid: VideoGrid, cell_of_video: torch.Tensor, allowed: torch.Tensor, block: int,
-                order: TileOrder | None) -> BlockLayout:
-    """Block cover of "token i attends token j iff allowed[cell(i), cell(j)]".
+                order: TokenOrder | None, kernel_order: TokenOrder | None = None) -> BlockLayout:
+    """Block cover in `order` of "token i attends token j iff allowed[cell(i), cell(j)]".
 
     incidence[b, c] says whether block b holds a token of cell c; a block pair is attended iff some
     cell pair it holds is allowed: (incidence @ allowed @ incidence^T) > 0.
@@ -274,7 +268,22 @@ def _cell_cover(grid: VideoGrid, cell_of_video: torch.Tensor, allowed: torch.Ten
     incidence[torch.arange(grid.tokens, device=device) // block, cell] = 1.0
     allowed = torch.nn.functional.pad(allowed.float(), (0, 1, 0, 1))
     hit = incidence @ allowed @ incidence.T > 0
-    return _layout(grid, hit, block, order)
+    return _layout(grid, hit, block, order, kernel_order)
+
+
+def _video_incidence(grid: VideoGrid, block: int, order: TokenOrder | None, device) -> torch.Tensor:
+    """bool [blocks, video tokens]: block b (cut in `order`) holds video token p (raster video index)."""
+    raster = torch.arange(grid.tokens, device=device) if order is None else order.permutation(device)
+    is_video = raster >= grid.text
+    holds = torch.zeros(_cdiv(grid.tokens, block), grid.tokens - grid.text, dtype=torch.bool, device=device)
+    holds[(torch.arange(grid.tokens, device=device) // block)[is_video], raster[is_video] - grid.text] = True
+    return holds
+
+
+def _any_per_block(flags: torch.Tensor, block: int) -> torch.Tensor:
+    """bool [blocks]: some token of the block is flagged."""
+    return torch.zeros(_cdiv(flags.numel(), block), device=flags.device).index_add_(
+        0, torch.arange(flags.numel(), device=flags.device) // block, flags.float()) > 0
 
 
 def _window_mask(n: int, window: int, device) -> torch.Tensor:
@@ -282,11 +291,6 @@ def _window_mask(n: int, window: int, device) -> torch.Tensor:
     index = torch.arange(n, device=device)
     start = (index - (window - 1) // 2).clamp(0, n - window)
     return (index[None, :] >= start[:, None]) & (index[None, :] < start[:, None] + window)
-
-
-def _block_token_ranges(tokens: int, block: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    start = torch.arange(_cdiv(tokens, block), device=device) * block
-    return start, (start + block).clamp(max=tokens) - 1
 
 
 def _check_int(name: str, value, minimum: int) -> None:

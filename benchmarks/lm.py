@@ -7,10 +7,13 @@
   its measured activation rate, so the three use about as many experts per token.
 
     python benchmarks/lm.py --root /tmp/lm [--only dense blockffn topk moepp] [--steps N] [--dense-steps N] [--compile]
+                            [--top-k K] [--set KEY=VALUE ...]
 
 The dense LM runs first (a short run is enough for its speed), then BlockFFN, top-k, MoE++. With
 --compile each run is followed by the same run with trainer.compile=true, whose train record carries
-its speedup over the eager one.
+its speedup over the eager one. --top-k K sets k for a call without the BlockFFN run (K from an
+earlier call's BlockFFN record). --set adds Hydra overrides to every run (e.g. trainer.compile=true: the
+compiled runs alone).
 
 Each run is a real `launch/train.py` job (its MLflow store and checkpoints under --root); records are
 appended to benchmarks/results/{train,quality}-<device>.jsonl (or --results DIR) as each run ends.
@@ -57,6 +60,9 @@ def main():
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps of each MoE LM (default: the experiment's)")
     parser.add_argument("--dense-steps", type=int, default=None, help="optimizer steps of the dense LM")
     parser.add_argument("--compile", action="store_true", help="also run each LM with trainer.compile=true")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="k of the top-k and MoE++ LMs (default: the presets', or from this call's BlockFFN run)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="Hydra overrides of every run")
     parser.add_argument("--results", type=Path, default=harness.RESULTS, help="directory of the results files")
     args = parser.parse_args()
     root = args.root.resolve()
@@ -81,16 +87,18 @@ def main():
         dense_steps = [f"trainer.max_steps={args.dense_steps}", f"trainer.checkpoint_every={args.dense_steps}",
                        f"trainer.eval_every={args.dense_steps}", "trainer.log_every=10",
                        f"deepspeed.lr_schedule.warmup_steps={args.dense_steps // 4}"] if args.dense_steps else []
+        dense_steps += args.set
         run = harness.keep_going(harness.train, root, "dense", "experiment=lm_dense", *dense_steps)
         if run:
             record("train", speed_record("dense", run))
             if args.compile:
                 record_compiled("dense", run, "experiment=lm_dense", *dense_steps)
 
-    runs, top_k = {}, []
+    runs, top_k = {}, [f"moe.top_k={args.top_k}"] if args.top_k else []
     for name in (n for n in MOE_RUNS if n in args.only):
         steps = [f"trainer.max_steps={args.steps}", f"trainer.checkpoint_every={args.steps}",
                  f"trainer.eval_every={args.steps // 2}"] if args.steps else []
+        steps += args.set
         run = harness.keep_going(harness.train, root, name, f"experiment=lm_{name}", *steps, *top_k)
         if run is None:
             continue

@@ -3,7 +3,7 @@ attention on the model's own q/k/v, sample dense and sparse from the same noise,
 
     python benchmarks/vdit.py --root /tmp/vdit --results DIR [--stages train search attention sample finetune]
                               [--experiment vdit_13x30x52] [--train-steps N] [--finetune-steps N]
-                              [--max-error E] [--videos DIR]
+                              [--max-error E] [--compile] [--videos DIR]
 
 Every stage is the command a user runs, on the run names `vdit-dense` and `vdit-plan` under --root
 (stages left out reuse what an earlier call left there):
@@ -15,7 +15,8 @@ Every stage is the command a user runs, on the run names `vdit-dense` and `vdit-
   with the plan's block masks (per head group); totals over layers. Records `bench: "patterns"`,
   case `vdit-plan-<grid>`, one per implementation.
 - sample: `launch/generate.py vdit-dense`: dense and plan samples from the same noise (training-free
-  Sparse-vDiT): end-to-end speed-up, PSNR, SSIM, attention share.
+  Sparse-vDiT): end-to-end speed-up, PSNR, SSIM, attention share; with --compile both kinds sample
+  through torch.compile'd blocks (`compile=true`).
 - finetune: `launch/train.py ... trainer.init_from=vdit-dense model.plan=PLAN` (sparse forward and
   backward through the Triton kernels), then `launch/generate.py vdit-plan` with the plan it trained with.
 At the end one `bench: "quality"` record, case `vdit-plan-<grid>`, with what the stages measured
@@ -146,7 +147,7 @@ class Bench:
         args = self.args
         formats = "[gif,mp4]" if importlib.util.find_spec("imageio_ffmpeg") else "[gif]"  # MP4 needs its ffmpeg
         self.launch("generate.py", run, f"samples={args.samples}", f"steps={args.sample_steps}",
-                    f"cfg_scale={args.cfg_scale}", "attention=both", f"formats={formats}")
+                    f"cfg_scale={args.cfg_scale}", "attention=both", f"formats={formats}", f"compile={args.compile}")
         metrics = self.run_metrics(run)
         self.save(**{key: {name.removeprefix("generate/video/"): round(value, 4) for name, value in metrics.items()
                            if name.startswith("generate/video/")}})
@@ -183,7 +184,8 @@ class Bench:
                 "experiment": self.args.experiment, "dense": dense, "search": s.get("search"), "attention": s.get("attention"),
                 "sample": s.get("sample"), "finetune": tuned, "sample_finetuned": s.get("sample_finetuned"),
                 "finetuned_val_loss_ratio": round(ratio, 4) if ratio else None,
-                "sampling": {"samples": self.args.samples, "steps": self.args.sample_steps, "cfg_scale": self.args.cfg_scale}}
+                "sampling": {"samples": self.args.samples, "steps": self.args.sample_steps, "cfg_scale": self.args.cfg_scale,
+                             "compile": self.args.compile}}
 
 
 def grid_name(model_dir: Path) -> str:
@@ -222,6 +224,7 @@ def main():
     parser.add_argument("--samples", type=int, default=2, help="clips sampled by each generate call")
     parser.add_argument("--sample-steps", type=int, default=25, help="Euler steps of each sample")
     parser.add_argument("--cfg-scale", type=float, default=2.0)
+    parser.add_argument("--compile", action="store_true", help="sample through torch.compile'd blocks (both kinds)")
     parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--finetune-lr", type=float, default=2e-4)
     parser.add_argument("--results", type=Path, default=harness.RESULTS, help="directory of the results files")

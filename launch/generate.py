@@ -26,7 +26,8 @@ the noise, the same for both attention kinds), attention (dense | plan | both; d
 plan is found, else dense), plan (a plan YAML; default the run's search/plan.yaml artifact, else
 <checkpoint>/search/plan.yaml, as launch/search.py writes them, else the model.plan the run trained
 with), backend (auto: triton on a GPU, reference on the CPU), fps (the run's data.fps), formats
-([gif, mp4]), out (default <checkpoint>/generate). Writes each clip as out/video-<attention>-<i>.gif
+([gif, mp4]), compile (false: torch.compile the blocks for both kinds), out (default
+<checkpoint>/generate). Writes each clip as out/video-<attention>-<i>.gif
 and .mp4 and logs them to the run under generate/, with the metrics generate/video/<attention>/wall_s
 (end-to-end sampling), generate/video/attention_share (of one dense denoising step's time, against
 the step with every attention output zeroed) and, with both kinds, generate/video/plan/speedup (dense
@@ -238,6 +239,7 @@ class VideoConfig:
     backend: str = "auto"             # what runs the plan: auto | triton | reference
     fps: float | None = None          # of the written videos; None: the run's data.fps
     formats: list[str] = field(default_factory=lambda: ["gif", "mp4"])  # the files written of each clip
+    compile: bool = False             # torch.compile the blocks (both kinds; compiled in the untimed warm-up)
     out: str | None = None            # None: <checkpoint>/generate
 
 
@@ -331,6 +333,15 @@ def sample_videos(model, noise: torch.Tensor, labels: torch.Tensor, cfg: VideoCo
             videos = vdit.sample(model, noise, labels, cfg.steps, cfg.cfg_scale, on_step=clock)
     use_attention(model, None, backend)
     return videos.clamp(-1, 1).cpu(), sum(clock.seconds)
+
+
+def compile_blocks(model) -> None:
+    """torch.compile every block: the work around the attention (norms, modulation, rotary, SwiGLU) fuses.
+    The blocks share their code, compiled once per layer and attention provider (layer indices and
+    layouts are constants of the graphs), so the recompile limit is raised to hold them all."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(model.blocks))
+    for block in model.blocks:
+        block.compile()
 
 
 def attention_share(model, noise: torch.Tensor, labels: torch.Tensor, cfg_scale: float, backend: str,
@@ -434,6 +445,8 @@ def generate_videos(args, model_dir: Path, run_id: str | None, uri: str, run_con
 
     model, _ = load_model(model_dir)
     model.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+    if cfg.compile:
+        compile_blocks(model)
     shape = (cfg.samples, model_cfg.in_channels, model_cfg.frames, model_cfg.height, model_cfg.width)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(cfg.seed)).to(device)
     labels = torch.tensor(cfg.labels, device=device)

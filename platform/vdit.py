@@ -13,8 +13,8 @@ tile, ...)` hands tokens to its kernel, so with blocks of one tile a token's blo
 sliding-tile window is whole blocks, and the layout's block mask applies to the model's tokens as
 they are: no attention call needs to permute them. The 3-D rotary embedding rotates each token by
 its own (frame, row, column) (SparseAttention's `token_order`). Build a layout or plan for the model
-with `token_order=model.order` (`Pattern.build`, `Plan`): the tiles of its order then need no
-permutation, and raster patterns get their tokens in raster order around the kernel.
+with `token_order=model.order` (`Pattern.build`, `Plan`): every pattern is then cut in the model's
+order, and all heads of a layer run in one kernel call on the tokens as they are.
 
 Conditioning: AdaLN-zero. The timestep (sinusoidal features, then an MLP) plus the class embedding
 (one extra row, the null class, which training swaps in with probability `class_dropout` for

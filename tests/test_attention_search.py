@@ -20,7 +20,6 @@ from sparta.attention import (
     calibration_error,
     capture_qkv,
     masked_attention,
-    video,
 )
 
 GRID = VideoGrid(4, 8, 8)  # 256 tokens, blocks of 16: a frame is 4 blocks
@@ -145,7 +144,7 @@ def test_loaded_plan_fuses_heads_by_token_order(kernel_stand_in):
         torch.testing.assert_close(attend(q, k, v, plan(q, k, 0), backend=backend), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_plan_for_tile_major_tokens_runs_the_models_tiles_in_place(kernel_stand_in, tmp_path):
+def test_a_plan_for_tile_major_tokens_runs_every_head_in_one_call_in_place(kernel_stand_in, tmp_path):
     grid = VideoGrid(2, 4, 8)
     order = TileOrder(grid, (1, 2, 8))
     own, other = (Pattern.of("tiles", tile=(1, 2, 8), window=(1, 1, 1)),
@@ -156,10 +155,7 @@ def test_a_plan_for_tile_major_tokens_runs_the_models_tiles_in_place(kernel_stan
     loaded = Plan.load(tmp_path / "plan.yaml")
     assert loaded.token_order == order and loaded.layers == plan.layers
     groups = loaded.groups(0)
-    # The model's own tiles, full and skipped heads in place; the raster and the other tile order composed.
-    assert [(g.heads, g.layout.order) for g in groups] == [
-        (tuple(range(5)), None), ((1,), video.RelativeOrder(order, None)),
-        ((3,), video.RelativeOrder(order, TileOrder(grid, (1, 4, 4))))]
+    assert [(g.heads, g.layout.order) for g in groups] == [(tuple(range(5)), None)]  # no gather, no permutation
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 5, grid.tokens, 16, generator=generator) for _ in range(3))
     expected = torch.stack([masked_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1],

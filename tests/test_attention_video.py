@@ -185,22 +185,27 @@ def test_bad_pattern_input_is_a_value_error_naming_the_argument(call, argument):
 
 # ---- patterns for a model whose tokens are in another order --------------------------------------
 
-@pytest.mark.parametrize("pattern", [
-    Pattern.of("tiles", tile=(2, 2, 4), window=(1, 3, 1)),  # the model's own tiles: no permutation
-    Pattern.of("tiles", tile=(1, 4, 2), window=(1, 1, 3)),  # other tiles: the orders composed
-    Pattern.of("diagonal", width=6), Pattern.of("multi_diagonal", width=2, frame_radius=1),
-    Pattern.of("stripe", keys=((3, 9),)), Pattern.of("spatial", frame_radius=0), Pattern.of("skip"),
-    Pattern.of("full")])
-def test_a_pattern_built_for_a_token_order_attends_the_same_token_pairs(pattern):
+@pytest.mark.parametrize("name, params, pair", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_a_pattern_built_for_a_token_order_is_the_cover_in_that_order_and_runs_in_place(name, params, pair):
+    """Every pattern, tiles of another shape included, is cut in the model's order: the kernel gets the
+    model's tokens as they are, and the blocks are the cover of the definition in that order."""
     grid = VideoGrid(3, 4, 6, text=5)  # edge tiles and text: the model order moves the text to the end
     model_order = TileOrder(grid, (2, 2, 4))
-    raster = pattern.build(grid, block=8)
-    built = pattern.build(grid, block=8, token_order=model_order)
-    to_raster = model_order.permutation()  # model token t is raster token to_raster[t]
-    expected = raster.element_mask()[0, 0][to_raster][:, to_raster]
-    assert torch.equal(built.element_mask()[0, 0], expected)
-    assert torch.equal(built.mask, raster.mask)  # the blocks as built: same density, same cost
-    if raster.order == model_order or pattern.name in ("skip", "full"):
-        assert built.order is None
-    else:
-        assert built.order == video.RelativeOrder(model_order, raster.order)
+    built = Pattern.of(name, **params).build(grid, block=8, token_order=model_order)
+    assert built.order is None
+    to_raster = model_order.permutation().tolist()  # model token t is raster token to_raster[t]
+    blocks = -(-grid.tokens // 8)
+    expected = torch.zeros(blocks, blocks, dtype=torch.bool)
+    for p, r in itertools.product(range(grid.tokens), repeat=2):
+        if not expected[p // 8, r // 8] and pair(grid, to_raster[p], to_raster[r]):
+            expected[p // 8, r // 8] = True
+    assert torch.equal(built.mask[0, 0], expected)
+
+
+def test_temporal_heads_are_sparser_in_the_models_tile_order():
+    """Why cutting in the model's order can pay: a frame of 30 tokens is not whole blocks of 8 in raster
+    order, so a block's partners in the other frames straddle two blocks; a tile's partners are tiles."""
+    grid = VideoGrid(4, 5, 6)
+    in_tiles = video.temporal(grid, width=0, block=8, order=TileOrder(grid, (1, 2, 4)))
+    raster = video.temporal(grid, width=0, block=8)
+    assert in_tiles.density().item() < raster.density().item()

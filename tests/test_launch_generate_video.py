@@ -13,10 +13,12 @@ from pathlib import Path
 import imageio.v3 as iio
 import pytest
 import torch
-from vdit_runs import STEP, make_run, tiny, write_checkpoint
+from vdit_runs import STEP, make_run, perturbed_model, tiny, write_checkpoint
 
 from sparta.attention import Pattern, Plan, TileOrder, VideoGrid
 from sparta.platform.checkpoint import STATE_FILE
+from sparta.platform.dlm import use_attention
+from sparta.platform.vdit import sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +116,29 @@ def test_a_plan_of_full_patterns_gives_the_dense_videos(tmp_path):
     metrics = client.get_run(run_id).data.metrics
     assert metrics["generate/video/plan/psnr"] > 60  # inf (MLflow stores the largest float)
     assert metrics["generate/video/plan/ssim"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_compiled_blocks_sample_the_eager_videos_with_every_attention_provider():
+    """compile=true: dense, a plan, and the no-attention step of attention_share each compile (one
+    recompile per layer and provider), and sample what the eager model samples (fp32, atol 1e-5)."""
+    model = perturbed_model(tiny()).eval()
+    plan = plan_for({layer: [Pattern.of("tiles", tile=(1, 2, 8), window=(1, 1, 1)), Pattern.of("diagonal", width=5)]
+                     for layer in range(2)})
+    noise, labels = torch.randn(2, 3, 2, 16, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 2])
+    providers = [None, plan, lambda q, k, layer: []]
+
+    def videos():
+        out = []
+        for provider in providers:
+            use_attention(model, provider, "reference")
+            out.append(sample(model, noise, labels, 2, cfg_scale=2.0))
+        return out
+
+    eager = videos()
+    GENERATE.compile_blocks(model)
+    for compiled, expected in zip(videos(), eager):
+        torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(eager[0], eager[1])  # the plan changes the videos
 
 
 @pytest.mark.parametrize("args, message", [

@@ -115,9 +115,9 @@ def test_rotary_angles_follow_each_tokens_true_position(monkeypatch):
     seen = []
     original = attention_module.apply_rotary
 
-    def record(x, angles):
-        seen.append(angles)
-        return original(x, angles)
+    def record(x, cos, sin):
+        seen.append((cos, sin))
+        return original(x, cos, sin)
 
     monkeypatch.setattr(attention_module, "apply_rotary", record)
     videos = coordinate_video(cfg)
@@ -125,8 +125,9 @@ def test_rotary_angles_follow_each_tokens_true_position(monkeypatch):
     f, r, c = token_coordinates(model).unbind(1)
     expected = rotary_angles_3d(grid, 32)[(f * grid.height + r) * grid.width + c]
     assert len(seen) == 2 * cfg.n_layers  # q and k of every layer
-    for angles in seen:
-        torch.testing.assert_close(angles, expected, rtol=0, atol=0)
+    for cos, sin in seen:
+        torch.testing.assert_close(cos, expected.cos(), rtol=0, atol=0)
+        torch.testing.assert_close(sin, expected.sin(), rtol=0, atol=0)
     assert not torch.equal(expected, rotary_angles_3d(grid, 32))  # the order is not raster
 
 

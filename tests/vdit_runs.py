@@ -24,14 +24,20 @@ def tiny() -> VDiTConfig:
                       n_heads=2, attention_backend="reference")
 
 
-def write_checkpoint(directory: Path, cfg: VDiTConfig, state: dict) -> None:
-    """Random weights (seed 0), perturbed so that attention matters, and the state.json of step STEP (clips of
-    the data defaults at the model's size)."""
+def perturbed_model(cfg: VDiTConfig) -> VideoDiT:
+    """Random weights (seed 0), perturbed so that attention matters (AdaLN-zero starts every block as the
+    identity)."""
     torch.manual_seed(0)
     model = VideoDiT(cfg)
-    with torch.no_grad():  # AdaLN-zero starts every block as the identity: give the attention a say
+    with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def write_checkpoint(directory: Path, cfg: VDiTConfig, state: dict) -> None:
+    """`perturbed_model(cfg)` and the state.json of step STEP (clips of the data defaults at the model's size)."""
+    model = perturbed_model(cfg)
     directory.mkdir(parents=True)
     save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(directory / MODEL_FILE))
     video = VideoDataConfig(frames=cfg.frames, height=cfg.height, width=cfg.width, channels=cfg.in_channels)
