@@ -132,6 +132,9 @@ class SparseAttentionCore(nn.Module):
         if self.heads is not None and hasattr(layout, "select_heads"):
             self._own_heads_layout = layout.select_heads(self.heads)
 
+    # Layouts are Python objects whose kernel form is built and cached on first use: under torch.compile the
+    # op runs eagerly between the compiled graphs around it (the kernels are opaque to the compiler anyway).
+    @torch.compiler.disable
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         layout = self._own_heads_layout
         if isinstance(layout, BlockLayout):
