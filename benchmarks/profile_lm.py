@@ -6,10 +6,11 @@ the time. The gap between this and `launch/train.py`'s tokens/s is the trainer's
 
 Tokens are random ids (the vocabulary size is `data.vocab_size`, no corpus is read); the end-of-text
 id 0 appears in them, so the MoE layers see packed documents as in training. Prints the measured
-speed, the GPU's busy share of the wall time and the top ops; with --out, writes the tables and a
-Chrome trace there.
+speed, then `trainer.profile_steps`'s profiler over 3 more steps: the GPU's busy share of the wall
+time and the top ops by GPU and by host time; with --out, the tables and a Chrome trace stay there.
 """
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from sparta.platform.config import JobConfig
 from sparta.platform.lm import TransformerLM
+from sparta.platform.profiling import StepProfiler
 from sparta.platform.worker import PEAK_TFLOPS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,26 +69,15 @@ def main():
     print(f"{name}: {seconds * 1e3:.1f} ms/step, {batch * seq / seconds:,.0f} tokens/s, "
           f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))
 
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(3):
-            step(model, inputs, targets)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    events = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"GPU busy {gpu_us / 1e6 / wall:.0%} of the wall time ({gpu_us / 3e3:.1f} of {wall / 3 * 1e3:.1f} ms/step)")
-    by_gpu = events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70)
-    by_cpu = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
-    print(by_gpu)
-    print(by_cpu)
+    slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "")
+    profiler = StepProfiler((1, 3), use_gpu=True, out_dir=args.out or Path(tempfile.mkdtemp()) / slug)
+    for index in range(1, 4):
+        profiler.step_begins(index)
+        step(model, inputs, targets)
+        profiled = profiler.step_ends(index)
+    print(profiled[1][0].read_text())
     if args.out:
-        slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "")
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"profile-{slug}.txt").write_text(by_gpu + "\n" + by_cpu)
-        prof.export_chrome_trace(str(args.out / f"trace-{slug}.json"))
-
+        print(f"tables and Chrome trace: {', '.join(str(f) for f in profiled[1])}")
 
 if __name__ == "__main__":
     main()

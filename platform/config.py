@@ -94,6 +94,7 @@ class TrainerConfig:
     inject_failure_at_step: int | None
     peak_tflops: float | None
     compile: bool
+    profile_steps: tuple[int, int] | None
     activation_checkpointing: bool
     init_from: str | None
     chunk_sparsity_schedule: ChunkSparsityScheduleConfig
@@ -322,6 +323,8 @@ def _check_ranges(job: JobConfig) -> None:
         (t.inject_failure_at_step is None or 1 <= t.inject_failure_at_step <= t.max_steps,
          "trainer.inject_failure_at_step", f"null or in 1..trainer.max_steps={t.max_steps}", t.inject_failure_at_step),
         (t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops", "> 0 or null", t.peak_tflops),
+        (t.profile_steps is None or 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps, "trainer.profile_steps",
+         f"null or [first, last] with 1 <= first <= last <= trainer.max_steps={t.max_steps}", t.profile_steps),
         *[(ok, f"trainer.chunk_sparsity_schedule.{key}", expected, getattr(t.chunk_sparsity_schedule, key))
           for ok, key, expected in (
               (t.chunk_sparsity_schedule.window_steps >= 1, "window_steps", ">= 1"),
@@ -433,5 +436,7 @@ def _names(cls) -> str:
 def _describe(kind) -> str:
     if typing.get_origin(kind) in (typing.Union, types.UnionType):
         return " or ".join(_describe(k) for k in typing.get_args(kind))
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {len(typing.get_args(kind))} numbers"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
             type(None): "null", dict: "a mapping"}.get(kind, getattr(kind, "__name__", str(kind)))

@@ -171,6 +171,11 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         self._try(f"log {name}", lambda c: c.log_text(self.run_id, text, name))
 
+    def log_files(self, files: list[Path], folder: str) -> None:
+        """Files as artifacts of the run, under `folder`."""
+        for file in files:
+            self._try(f"log {folder}/{file.name}", lambda c, file=file: c.log_artifact(self.run_id, str(file), folder))
+
     def log_loss_curve(self) -> None:
         """Plot the run's whole train/val loss history (all launches of it) as loss_curve.png."""
 

@@ -29,6 +29,7 @@ from sparta.platform.data import Prefetched, TokenBatches, open_corpus
 from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_parallel, mark_expert_parameters
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
+from sparta.platform.profiling import StepProfiler
 from sparta.platform.tracking import Tracker, system_info
 from sparta.platform.video_data import VideoBatches
 
@@ -133,9 +134,13 @@ def train(args: WorkerArgs) -> None:
     # ZeRO clips without keeping it, so the loop measures it there.
     reports_grad_norm = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
     interval, metrics, evaluated = MetricSums(), {}, False
+    profiler = (StepProfiler(trainer.profile_steps, args.use_gpu, run_dir / "profile")
+                if rank == 0 and trainer.profile_steps and step < trainer.profile_steps[0] else None)
     while step < trainer.max_steps:
         step += 1
         step_start = time.perf_counter()
+        if profiler:
+            profiler.step_begins(step)
         if step == trainer.inject_failure_at_step and rank == 0:
             inject_failure_once(run_dir, step)
         chunk_loss = torch.zeros((), device=device)
@@ -195,6 +200,15 @@ def train(args: WorkerArgs) -> None:
                              "chunk_sparsity_schedule": schedule.state_dict() if schedule else None})
             if tracker:  # what the checkpoint cost the training loop (the files are written meanwhile)
                 tracker.log_metrics({"train/checkpoint_pause_s": time.perf_counter() - paused}, step)
+        profiled = profiler.step_ends(step) if profiler else None
+        if profiled:
+            profile_metrics, files = profiled
+            log.info(f"[sparta] profile of steps {trainer.profile_steps[0]}-{step}: "
+                     + ", ".join(f"{k.removeprefix('profile/')} {v:.3g}" for k, v in profile_metrics.items())
+                     + f"; tables and trace in {files[0].parent}" + (" and the run's profile/" if tracker else ""))
+            if tracker:
+                tracker.log_metrics(profile_metrics, step)
+                tracker.log_files(files, "profile")
     if writer:
         writer.wait()
     if rank == 0:

@@ -54,6 +54,9 @@ def test_zero_stage_options_set_the_stage():
     ("model.n_kv_heads=3", r"model.n_kv_heads=3: expected a divisor of model.n_heads=4"),
     ("data.seq_len=512", r"data.seq_len=512: expected in 1..model.max_seq_len=256"),
     ("trainer.inject_failure_at_step=301", r"trainer.inject_failure_at_step=301: expected null or in 1..trainer.max_steps=300"),
+    ("trainer.profile_steps=[20,10]", r"trainer.profile_steps=\(20, 10\): expected null or \[first, last\] with 1 <= first <= "
+                                     r"last <= trainer.max_steps=300"),
+    ("trainer.profile_steps=[5]", r"trainer.profile_steps=\[5\]: expected a list of 2 numbers or null"),
     ("cluster.name=k8s", r"cluster.name='k8s': expected one of local, ray"),
     ("deepspeed.optimizer.betas=[0.9]", r"deepspeed.optimizer.betas=\[0.9\]: expected a list of 2 numbers"),
     ("model.ffn=sparse", r"model.ffn='sparse': expected one of dense, moe"),

@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def swept_store(tmp_path_factory) -> Path:
-    """A Hydra sweep over ZeRO-1 and ZeRO-2: two complete training runs in one MLflow store."""
+    """A Hydra sweep over ZeRO-1 and ZeRO-2: two complete training runs in one MLflow store, steps 17-18 profiled."""
     root = tmp_path_factory.mktemp("sweep")
-    train(root, "deepspeed=zero1,zero2", multirun=True)
+    train(root, "deepspeed=zero1,zero2", "trainer.profile_steps=[17,18]", multirun=True)
     return root
 
 
-def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
+def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store, tmp_path):
     client, runs = mlflow_runs(swept_store)
     assert len(runs) == 2
     stages = set()
@@ -43,7 +43,15 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store):
         assert val[30][0] < val[10][0] - 0.3, val  # the model learns
         for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"):
             assert sorted(history(client, run.info.run_id, key)) == [5, 10, 15, 20, 25, 30], key
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "loss_curve.png"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "loss_curve.png", "profile"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "profile")} == {
+            "profile/steps_17-18.txt", "profile/trace_17-18.json"}
+        profile = Path(client.download_artifacts(run.info.run_id, "profile", str(tmp_path / name)))
+        tables = (profile / "steps_17-18.txt").read_text()
+        assert "By host time:" in tables and "aten::mm" in tables and "By device time:" not in tables  # CPU workers
+        assert json.loads((profile / "trace_17-18.json").read_text())["traceEvents"]
+        step_ms = history(client, run.info.run_id, "profile/step_ms")
+        assert sorted(step_ms) == [18] and step_ms[18][0] > 0 and "profile/gpu_busy" not in run.data.metrics
         pauses = [m.value for m in client.get_metric_history(run.info.run_id, "train/checkpoint_pause_s")]
         assert len(pauses) == 3 and max(pauses) < 1.0, pauses  # the files are written in the background
         speed = history(client, run.info.run_id, "train/tokens_per_s")  # steps 11-15 and 21-25 hold a checkpoint
