@@ -244,9 +244,14 @@ class MetricSums:
         self.steps = 0.0
 
     def add(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
-        for key, value in metrics.items():
-            value = value.detach().float() * weight
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        """An MoE LM reports hundreds of small tensors a step: the known ones are summed by one multi-tensor
+        kernel (a host that launched a kernel or two per metric would pace the step)."""
+        values = {key: value.detach().float() for key, value in metrics.items()}
+        known = [key for key in values if key in self.sums]
+        if known:
+            torch._foreach_add_([self.sums[k] for k in known], [values[k] for k in known], alpha=weight)
+        for key in values.keys() - self.sums.keys():
+            self.sums[key] = values[key] * weight
         self.steps += weight
 
     def mean(self, all_ranks: bool = True) -> dict[str, float | torch.Tensor]:
