@@ -180,7 +180,7 @@ def tiles(grid: VideoGrid, tile: Sequence[int], window: Sequence[int], reorder: 
     cells = counts[0] * counts[1] * counts[2]
     kernel_order = TileOrder(grid, tile) if reorder and order is None else None
     return _cell_cover(grid, _tile_ids(grid, tile, device), allowed.reshape(cells, cells), block,
-                       order or kernel_order, kernel_order)
+                       kernel_order if order is None else order, kernel_order)
 
 
 def spatial(grid: VideoGrid, frame_radius: int = 0, *, block: int = 128, device=None,

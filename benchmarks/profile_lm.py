@@ -7,7 +7,7 @@ the time. The gap between this and `launch/train.py`'s tokens/s is the trainer's
 Tokens are random ids (the vocabulary size is `data.vocab_size`, no corpus is read); the end-of-text
 id 0 appears in them, so the MoE layers see packed documents as in training. Prints the measured
 speed, then `trainer.profile_steps`'s profiler over 3 more steps: the GPU's busy share of the wall
-time and the top ops by GPU and by host time; with --out, the tables and a Chrome trace stay there.
+time and the top ops by GPU and by host time; with --out, the tables and a Chrome trace stay in DIR/<overrides>.
 """
 import argparse
 import tempfile
@@ -70,7 +70,7 @@ def main():
           f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))
 
     slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "")
-    profiler = StepProfiler((1, 3), use_gpu=True, out_dir=args.out or Path(tempfile.mkdtemp()) / slug)
+    profiler = StepProfiler((1, 3), use_gpu=True, out_dir=(args.out or Path(tempfile.mkdtemp())) / slug)
     for index in range(1, 4):
         profiler.step_begins(index)
         step(model, inputs, targets)

@@ -34,7 +34,7 @@ class StepProfiler:
 
     def step_ends(self, step: int) -> tuple[dict[str, float], list[Path]] | None:
         """After the last profiled step: (metrics, files written under out_dir); else None."""
-        if step != self.last or self._profile is None:
+        if step != self.last:
             return None
         if self.use_gpu:
             torch.cuda.synchronize()
