@@ -2,7 +2,7 @@
 no Ray, no DeepSpeed, no optimizer), its tokens/s and MFU, and the CUDA kernels and CPU ops that take
 the time. The gap between this and `launch/train.py`'s tokens/s is the trainer's share.
 
-    python benchmarks/profile_lm.py experiment=lm_topk moe.top_k=5 [--steps 20] [--compile] [--out DIR]
+    python benchmarks/profile_lm.py experiment=lm_topk moe.top_k=5 [--steps 20] [--compile [--mode M]] [--out DIR]
 
 Tokens are random ids (the vocabulary size is `data.vocab_size`, no corpus is read); the end-of-text
 id 0 appears in them, so the MoE layers see packed documents as in training. Prints the measured
@@ -35,6 +35,8 @@ def build(overrides: list[str]) -> tuple[TransformerLM, JobConfig]:
 
 
 def step(model: TransformerLM, inputs: torch.Tensor, targets: torch.Tensor) -> dict:
+    model.zero_grad(set_to_none=True)  # as an optimizer step would: CUDA graphs reuse their output buffers
+    torch.compiler.cudagraph_mark_step_begin()
     loss, metrics = model(inputs, targets)
     loss.backward()
     return metrics
@@ -45,11 +47,12 @@ def main():
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for launch/train.py")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiled in the warm-up)")
+    parser.add_argument("--mode", default=None, help="torch.compile mode (e.g. reduce-overhead: CUDA graphs)")
     parser.add_argument("--out", type=Path, default=None, help="directory for the tables and the trace")
     args = parser.parse_args()
     model, job = build(args.overrides)
     if args.compile:
-        model.compile()
+        model.compile(mode=args.mode)
     batch, seq = job.deepspeed.micro_batch_size, job.data.seq_len
     inputs = torch.randint(0, job.data.vocab_size, (batch, seq + 1), device="cuda")
     inputs, targets = inputs[:, :-1], inputs[:, 1:]
@@ -65,11 +68,11 @@ def main():
     experts = {layer: float(metrics[f"moe/layer_{layer:02d}/ffn_experts_per_token"]) for layer in model.moe_layers}
     flops = model.flops_per_token(seq, experts) * batch * seq
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
-    name = " ".join(args.overrides) + (" (compiled)" if args.compile else "")
+    name = " ".join(args.overrides) + (f" (compiled, mode {args.mode or 'default'})" if args.compile else "")
     print(f"{name}: {seconds * 1e3:.1f} ms/step, {batch * seq / seconds:,.0f} tokens/s, "
           f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))
 
-    slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "")
+    slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "") + (f"-{args.mode}" if args.mode else "")
     profiler = StepProfiler((1, 3), use_gpu=True, out_dir=(args.out or Path(tempfile.mkdtemp())) / slug)
     for index in range(1, 4):
         profiler.step_begins(index)

@@ -5,7 +5,9 @@ whole loop body: data, forward, backward, DeepSpeed's step, metrics, logging. Th
 `profile/steps_FIRST-LAST.txt` (the top ops by device time and by host time), the Chrome trace
 `profile/trace_FIRST-LAST.json` (chrome://tracing or ui.perfetto.dev) and the metrics
 `profile/step_ms` and, on a GPU, `profile/gpu_busy`: the share of the wall time in which a kernel
-ran. Below 1, the host paces the steps (Python, launches, synchronisations), not the GPU.
+ran. Below 1, the host paces the steps (Python, launches, synchronisations), not the GPU. The loop
+names its phases (`sparta/forward`, `sparta/backward`, `sparta/optimizer`, ...) and the table lists
+the host time each one takes.
 """
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import torch
 
 ROWS = 40  # ops per table
+PHASE_PREFIX = "sparta/"  # `torch.profiler.record_function` names of the training loop's phases
 
 
 class StepProfiler:
@@ -51,6 +54,11 @@ class StepProfiler:
             tables[0] += f", GPU busy {metrics['profile/gpu_busy']:.0%} of it"
             tables += ["", "By device time:", events.table(sort_by="self_device_time_total", row_limit=ROWS,
                                                            max_name_column_width=80)]
+        phases = [e for e in events if e.key.startswith(PHASE_PREFIX)]
+        if phases:
+            tables += ["", "The loop's phases (host time from start to end, ms per step):"]
+            tables += [f"  {e.key.removeprefix(PHASE_PREFIX):<12} {e.cpu_time_total / 1e3 / steps:8.2f}"
+                       for e in sorted(phases, key=lambda e: -e.cpu_time_total)]
         tables += ["", "By host time:", events.table(sort_by="self_cpu_time_total", row_limit=ROWS,
                                                       max_name_column_width=80)]
         self.out_dir.mkdir(parents=True, exist_ok=True)

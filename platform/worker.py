@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
+from torch.profiler import record_function
 
 from sparta.moe import CLS_CHUNK_SIZES, ChunkSparsityScheduler, MoE
 from sparta.platform import checkpoint
@@ -145,13 +146,19 @@ def train(args: WorkerArgs) -> None:
             inject_failure_once(run_dir, step)
         chunk_loss = torch.zeros((), device=device)
         for micro in range(accumulation):
-            inputs, targets = train_batches.get((step - 1) * accumulation + micro)
-            loss, step_metrics = engine(inputs.to(device), targets.to(device))
-            engine.backward(loss)
+            with record_function("sparta/batch"):
+                inputs, targets = train_batches.get((step - 1) * accumulation + micro)
+                inputs, targets = inputs.to(device), targets.to(device)
+            with record_function("sparta/forward"):
+                loss, step_metrics = engine(inputs, targets)
+            with record_function("sparta/backward"):
+                engine.backward(loss)
             if micro == accumulation - 1 and not reports_grad_norm:
                 own_grad_norm = gradient_norm(model)  # whole, all-reduced gradients at the boundary
-            engine.step()
-            interval.add(step_metrics, 1 / accumulation)
+            with record_function("sparta/optimizer"):
+                engine.step()
+            with record_function("sparta/metrics"):
+                interval.add(step_metrics, 1 / accumulation)
             if schedule:
                 chunk_loss += mean_over_layers(step_metrics, "chunk_sparsity_loss") / accumulation
         if schedule:

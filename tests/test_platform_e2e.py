@@ -49,6 +49,9 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store, tmp_pa
         profile = Path(client.download_artifacts(run.info.run_id, "profile", str(tmp_path / name)))
         tables = (profile / "steps_17-18.txt").read_text()
         assert "By host time:" in tables and "aten::mm" in tables and "By device time:" not in tables  # CPU workers
+        phases = dict(line.split() for line in tables.split("ms per step):\n")[1].split("\n\n")[0].splitlines())
+        assert set(phases) == {"batch", "forward", "backward", "optimizer", "metrics"}, tables
+        assert float(phases["backward"]) > float(phases["metrics"]) > 0, phases
         assert json.loads((profile / "trace_17-18.json").read_text())["traceEvents"]
         step_ms = history(client, run.info.run_id, "profile/step_ms")
         assert sorted(step_ms) == [18] and step_ms[18][0] > 0 and "profile/gpu_busy" not in run.data.metrics
