@@ -72,7 +72,8 @@ def main():
     print(f"{name}: {seconds * 1e3:.1f} ms/step, {batch * seq / seconds:,.0f} tokens/s, "
           f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))
 
-    slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides) + ("-compiled" if args.compile else "") + (f"-{args.mode}" if args.mode else "")
+    slug = "-".join(o.replace("=", "_").replace("/", "_") for o in args.overrides)
+    slug += ("-compiled" if args.compile else "") + (f"-{args.mode}" if args.mode else "")
     profiler = StepProfiler((1, 3), use_gpu=True, out_dir=(args.out or Path(tempfile.mkdtemp())) / slug)
     for index in range(1, 4):
         profiler.step_begins(index)

@@ -94,6 +94,7 @@ class TrainerConfig:
     inject_failure_at_step: int | None
     peak_tflops: float | None
     compile: bool
+    cuda_graphs: bool
     profile_steps: tuple[int, int] | None
     activation_checkpointing: bool
     init_from: str | None
@@ -298,6 +299,10 @@ def _check_moe(job: JobConfig) -> None:
                           "so that model.ffn=moe has an MoE layer")
     if moe.num_experts % ep:
         raise ConfigError(f"parallel.expert={ep}: expected a divisor of moe.num_experts={moe.num_experts}")
+    if job.trainer.cuda_graphs and (moe.router == "blockffn" or ep > 1):
+        raise ConfigError("trainer.cuda_graphs=true: expected a model with fixed shapes; "
+                          + ("moe.router=blockffn sizes its expert rows from the data" if moe.router == "blockffn"
+                             else f"parallel.expert={ep} exchanges rows in data-sized all-to-alls"))
     if moe.router == "blockffn" and job.trainer.chunk_sparsity_schedule.enabled and moe.chunk_sparsity_coef <= 0:
         raise ConfigError(f"moe.chunk_sparsity_coef={moe.chunk_sparsity_coef}: expected > 0 while "
                           "trainer.chunk_sparsity_schedule.enabled=true (the schedule scales it)")
@@ -323,6 +328,10 @@ def _check_ranges(job: JobConfig) -> None:
         (t.inject_failure_at_step is None or 1 <= t.inject_failure_at_step <= t.max_steps,
          "trainer.inject_failure_at_step", f"null or in 1..trainer.max_steps={t.max_steps}", t.inject_failure_at_step),
         (t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops", "> 0 or null", t.peak_tflops),
+        (not t.cuda_graphs or t.compile, "trainer.cuda_graphs", "false unless trainer.compile=true (the graphs are Inductor's)",
+         t.cuda_graphs),
+        (not t.cuda_graphs or ds.zero_stage <= 2, "trainer.cuda_graphs",
+         f"false with deepspeed.zero_stage={ds.zero_stage} (ZeRO-3 moves the parameters a graph reads)", t.cuda_graphs),
         (t.profile_steps is None or 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps, "trainer.profile_steps",
          f"null or [first, last] with 1 <= first <= last <= trainer.max_steps={t.max_steps}", t.profile_steps),
         *[(ok, f"trainer.chunk_sparsity_schedule.{key}", expected, getattr(t.chunk_sparsity_schedule, key))

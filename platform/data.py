@@ -397,12 +397,15 @@ class TokenBatches:
 
 
 class Prefetched:
-    """Batches (`get(index)`, a pure function of the index) whose next micro-batch is made on a background
-    thread while the model trains on this one: the procedural video source spends ~20 ms of CPU a clip,
-    which would otherwise stall the GPU every step."""
+    """Batches (`get(index)`, a pure function of the index, a tuple of tensors) whose next micro-batch is
+    made on a background thread while the model trains on this one: the procedural video source spends
+    ~20 ms of CPU a clip, which would otherwise stall the GPU every step.
 
-    def __init__(self, batches):
-        self.batches = batches
+    pin_memory: the batches come in page-locked memory, so that `.to(device, non_blocking=True)` copies
+    them without making the host wait for the GPU (a copy from pageable memory does)."""
+
+    def __init__(self, batches, pin_memory: bool = False):
+        self.batches, self.pin_memory = batches, pin_memory
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.ahead: tuple[int, Future] | None = None
 
@@ -410,6 +413,10 @@ class Prefetched:
         if self.ahead is not None and self.ahead[0] == index:
             batch = self.ahead[1].result()
         else:  # the first call, or a jump (a resumed run): made here
-            batch = self.batches.get(index)
-        self.ahead = (index + 1, self.pool.submit(self.batches.get, index + 1))
+            batch = self._make(index)
+        self.ahead = (index + 1, self.pool.submit(self._make, index + 1))
         return batch
+
+    def _make(self, index: int):
+        batch = self.batches.get(index)
+        return tuple(tensor.pin_memory() for tensor in batch) if self.pin_memory else batch

@@ -85,7 +85,8 @@ def train(args: WorkerArgs) -> None:
     ep_group = layout.ep_group
     ds = job.deepspeed
     # sequence-parallel ranks read the same samples
-    train_batches, val_batches, model_config = open_data(job, args.corpus_dir, layout.data_rank, layout.data_shards)
+    train_batches, val_batches, model_config = open_data(job, args.corpus_dir, layout.data_rank, layout.data_shards,
+                                                         pin_memory=args.use_gpu)
     torch.manual_seed(trainer.seed)  # identical initial weights on every rank, whatever the layout
     model = build_model(model_config, ep_group, layout.sp_group)
     if layout.expert_groups is not None:
@@ -99,8 +100,9 @@ def train(args: WorkerArgs) -> None:
     if trainer.activation_checkpointing:
         for block in model.blocks:
             block.checkpointed = True
-    if trainer.compile:
-        model.compile()  # in place: parameter names (checkpoints) stay the same
+    cuda_graphs = trainer.cuda_graphs and args.use_gpu
+    if trainer.compile:  # in place: parameter names (checkpoints) stay the same
+        model.compile(mode="reduce-overhead" if cuda_graphs else None)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=weight_decay_groups(model, ds.optimizer.weight_decay),
@@ -148,8 +150,10 @@ def train(args: WorkerArgs) -> None:
         for micro in range(accumulation):
             with record_function("sparta/batch"):
                 inputs, targets = train_batches.get((step - 1) * accumulation + micro)
-                inputs, targets = inputs.to(device), targets.to(device)
+                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with record_function("sparta/forward"):
+                if cuda_graphs:  # the previous step's graph outputs may be overwritten from here on
+                    torch.compiler.cudagraph_mark_step_begin()
                 loss, step_metrics = engine(inputs, targets)
             with record_function("sparta/backward"):
                 engine.backward(loss)
@@ -184,7 +188,7 @@ def train(args: WorkerArgs) -> None:
             metrics["train/grad_norm"] = float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
             eval_start = time.perf_counter()
-            metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device)
+            metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device, cuda_graphs)
             if trainer.compile and not evaluated and progress:  # the first one compiled the eval graph
                 metrics["val/compile_s"] = time.perf_counter() - eval_start
                 progress.discount(metrics["val/compile_s"])
@@ -228,17 +232,18 @@ def train(args: WorkerArgs) -> None:
         write_outcome(run_dir, outcome)
 
 
-def open_data(job: JobConfig, corpus_dir: str, shard: int, shards: int):
+def open_data(job: JobConfig, corpus_dir: str, shard: int, shards: int, pin_memory: bool):
     """This data shard's train and validation batches (`get(index) -> (inputs, targets)`) and the model
-    config they fit: token windows of the prepared corpus, or clips of the procedural video source."""
+    config they fit: token windows of the prepared corpus, or clips of the procedural video source.
+    The training batches are made a step ahead (in page-locked memory for a GPU)."""
     ds, seed = job.deepspeed, job.trainer.seed
     if job.data.is_video:
         video = job.data.video(seed)
-        return (Prefetched(VideoBatches(video, ds.micro_batch_size, shard, shards, "train")),
+        return (Prefetched(VideoBatches(video, ds.micro_batch_size, shard, shards, "train"), pin_memory),
                 VideoBatches(video, ds.micro_batch_size, shard, shards, "val"), job.model_config())
     corpus = open_corpus(Path(corpus_dir))
     seq_len = job.data.seq_len
-    return (TokenBatches(corpus.train, seq_len, ds.micro_batch_size, shard, shards, seed),
+    return (Prefetched(TokenBatches(corpus.train, seq_len, ds.micro_batch_size, shard, shards, seed), pin_memory),
             TokenBatches(corpus.val, seq_len, ds.micro_batch_size, shard, shards, seed, shuffle=False),
             job.model_config(corpus.vocab_size, corpus.eot_id))
 
@@ -373,13 +378,16 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 
 @torch.no_grad()
-def evaluate(engine, batches: TokenBatches | VideoBatches, max_batches: int, device: torch.device) -> float:
+def evaluate(engine, batches: TokenBatches | VideoBatches, max_batches: int, device: torch.device,
+             cuda_graphs: bool = False) -> float:
     """The model's mean `loss` metric (its task loss without the MoE auxiliary losses: next-token
     cross-entropy, the diffusion bound, flow matching) over the validation batches."""
     engine.eval()
     total = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, batch count
     for index in range(min(max_batches, batches.num_batches)):
         inputs, targets = batches.get(index)
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         _, metrics = engine(inputs.to(device), targets.to(device))
         total[0] += metrics["loss"].double()
         total[1] += 1

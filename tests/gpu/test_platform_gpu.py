@@ -47,3 +47,17 @@ def test_moe_lm_trains_on_the_gpu_with_sparsity_and_mfu(tmp_path, router):
     assert 0 < metrics["train/mfu"] < 1 and 0 < metrics["moe/tls"] < 1 and "moe/layer_11/cls8" in metrics
     val = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
     assert val[-1].value < val[0].value
+
+
+def test_prefetched_token_batches_arrive_pinned_and_copy_without_blocking():
+    from sparta.platform.data import Prefetched, TokenBatches
+
+    tokens = torch.arange(10_000, dtype=torch.int32)
+    plain = TokenBatches(tokens, 16, 4, 0, 1, seed=0)
+    pinned = Prefetched(TokenBatches(tokens, 16, 4, 0, 1, seed=0), pin_memory=True)
+    for index in range(3):
+        inputs, targets = pinned.get(index)
+        assert inputs.is_pinned() and targets.is_pinned()
+        on_gpu = inputs.to("cuda", non_blocking=True), targets.to("cuda", non_blocking=True)
+        for got, expected in zip(on_gpu, plain.get(index)):
+            assert torch.equal(got.cpu(), expected)
