@@ -31,11 +31,14 @@ MOE_RUNS = ("blockffn", "topk", "moepp")
 def speed_record(name: str, run: dict) -> dict:
     p = run["params"]
     tokens_per_s = harness.steady(run["history"]["train/tokens_per_s"])
-    record = {"case": f"lm-{name}-d{p['model.d_model']}-L{p['model.n_layers']}-seq{p['data.seq_len']}",
+    experts = f"-E{p['moe.num_experts']}k{p['moe.top_k']}f{p['moe.d_ff']}" if name in ("topk", "moepp") else ""
+    record = {"case": f"lm-{name}-d{p['model.d_model']}-L{p['model.n_layers']}-seq{p['data.seq_len']}{experts}",
               "impl": f"sparta (launch/train.py, Ray Train + DeepSpeed ZeRO-{p['deepspeed.zero_stage']}, bf16"
-                      f"{', compiled' if p['trainer.compile'] == 'True' else ''})",
+                      f"{', compiled' if p['trainer.compile'] == 'True' else ''}"
+                      f"{', CUDA graphs' if p.get('trainer.cuda_graphs') == 'True' else ''})",
               "pass": "train", "tokens_per_s": round(tokens_per_s), "micro_batch": int(p["deepspeed.micro_batch_size"]),
-              "steps": int(p["trainer.max_steps"]), "mlflow_run": run["run_id"]}
+              "steps": int(p["trainer.max_steps"]), "accumulation": int(p["deepspeed.gradient_accumulation_steps"]),
+              "mlflow_run": run["run_id"]}
     if run["history"]["train/mfu"]:
         mfu = harness.steady(run["history"]["train/mfu"])
         record.update(mfu=round(mfu, 4), baseline="device dense bf16 peak (datasheet)")
