@@ -228,7 +228,9 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_q: int = 128, block_k: in
             or not all(isinstance(s, int) for s in starts):
         raise ValueError(f"region_starts: expected increasing int key-block indices starting at 0 and below "
                          f"{num_k_blocks}, got {starts}")
-    regions = torch.tensor(starts + [num_k_blocks], dtype=torch.int32, device=q.device)
+    regions = torch.tensor(starts + [num_k_blocks], dtype=torch.int32)
+    if q.is_cuda:  # from page-locked memory: a copy from pageable memory waits for the GPU's queue
+        regions = regions.pin_memory().to(q.device, non_blocking=True)
     q, k = q.contiguous(), k.contiguous()
     heads = q.shape[1]
     out = torch.zeros(batch, heads, num_q_blocks, num_k_blocks, dtype=torch.float32, device=q.device)
