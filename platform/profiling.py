@@ -49,7 +49,9 @@ class StepProfiler:
         name = f"{self.first}-{self.last}"
         tables = [f"steps {name}: {metrics['profile/step_ms']:.1f} ms/step (wall, profiler on)"]
         if self.use_gpu:
-            kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+            # kernels only: the loop's phases and Inductor's graph calls also appear as GPU ranges (annotations)
+            kernel_us = sum(e.self_device_time_total for e in events
+                            if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation)
             metrics["profile/gpu_busy"] = kernel_us / 1e6 / wall
             tables[0] += f", GPU busy {metrics['profile/gpu_busy']:.0%} of it"
             tables += ["", "By device time:", events.table(sort_by="self_device_time_total", row_limit=ROWS,

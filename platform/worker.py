@@ -211,8 +211,11 @@ def train(args: WorkerArgs) -> None:
                              "chunk_sparsity_schedule": schedule.state_dict() if schedule else None})
             if tracker:  # what the checkpoint cost the training loop (the files are written meanwhile)
                 tracker.log_metrics({"train/checkpoint_pause_s": time.perf_counter() - paused}, step)
+        writing = time.perf_counter()
         profiled = profiler.step_ends(step) if profiler else None
         if profiled:
+            if progress:  # writing the tables and the trace is no training time
+                progress.discount(time.perf_counter() - writing)
             profile_metrics, files = profiled
             log.info(f"[sparta] profile of steps {trainer.profile_steps[0]}-{step}: "
                      + ", ".join(f"{k.removeprefix('profile/')} {v:.3g}" for k, v in profile_metrics.items())
