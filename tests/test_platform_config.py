@@ -187,7 +187,9 @@ def test_deepspeed_config_mapping():
     assert cpu["scheduler"]["type"] == "WarmupCosineLR"
     assert cpu["scheduler"]["params"]["total_num_steps"] == 300
     assert cpu["scheduler"]["params"]["cos_min_ratio"] == 0.1
-    assert deepspeed_config(job.deepspeed, 300, use_gpu=True)["bf16"]["enabled"]
+    assert "fused" not in cpu["optimizer"]["params"]
+    gpu = deepspeed_config(job.deepspeed, 300, use_gpu=True)
+    assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["fused"]  # torch's single-pass AdamW kernel
     constant = compose_job("deepspeed.lr_schedule.name=warmup_constant").deepspeed
     assert deepspeed_config(constant, 300, use_gpu=False)["scheduler"]["type"] == "WarmupLR"
 
