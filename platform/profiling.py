@@ -56,7 +56,7 @@ class StepProfiler:
             tables[0] += f", GPU busy {metrics['profile/gpu_busy']:.0%} of it"
             tables += ["", "By device time:", events.table(sort_by="self_device_time_total", row_limit=ROWS,
                                                            max_name_column_width=80)]
-        phases = [e for e in events if e.key.startswith(PHASE_PREFIX)]
+        phases = [e for e in events if e.key.startswith(PHASE_PREFIX) and e.device_type == torch.autograd.DeviceType.CPU]
         if phases:
             tables += ["", "The loop's phases (host time from start to end, ms per step):"]
             tables += [f"  {e.key.removeprefix(PHASE_PREFIX):<12} {e.cpu_time_total / 1e3 / steps:8.2f}"

@@ -382,7 +382,7 @@ def weight_decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dic
 
 @torch.no_grad()
 def evaluate(engine, batches: TokenBatches | VideoBatches, max_batches: int, device: torch.device,
-             cuda_graphs: bool = False) -> float:
+             cuda_graphs: bool) -> float:
     """The model's mean `loss` metric (its task loss without the MoE auxiliary losses: next-token
     cross-entropy, the diffusion bound, flow matching) over the validation batches."""
     engine.eval()
