@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from sparta.platform.config import JobConfig
 from sparta.platform.lm import TransformerLM
 from sparta.platform.profiling import StepProfiler
-from sparta.platform.worker import PEAK_TFLOPS
+from sparta.platform.worker import peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def main():
     seconds = (time.perf_counter() - start) / args.steps
     experts = {layer: float(metrics[f"moe/layer_{layer:02d}/ffn_experts_per_token"]) for layer in model.moe_layers}
     flops = model.flops_per_token(seq, experts) * batch * seq
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name()), None)
+    peak = peak_tflops(None, use_gpu=True)
     name = " ".join(args.overrides) + (f" (compiled, mode {args.mode or 'default'})" if args.compile else "")
     print(f"{name}: {seconds * 1e3:.1f} ms/step, {batch * seq / seconds:,.0f} tokens/s, "
           f"{flops / seconds / 1e12:.1f} TFLOP/s" + (f", MFU {flops / seconds / 1e12 / peak:.1%}" if peak else ""))

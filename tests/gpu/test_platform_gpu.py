@@ -52,26 +52,20 @@ def test_moe_lm_trains_on_the_gpu_with_sparsity_and_mfu(tmp_path, router):
 def test_cuda_graphs_train_the_losses_of_the_compiled_moe_lm(tmp_path):
     """trainer.cuda_graphs replays the compiled top-k LM's kernels: the same losses step by step (bf16;
     1% allows for atomics' summation order), and the graphs do not recompile after the warm-up."""
-    from mlflow.tracking import MlflowClient
+    from e2e_helpers import history, mlflow_runs, train
 
     for graphs in ("false", "true"):
-        command = [sys.executable, str(REPO / "launch" / "train.py"), "experiment=lm_topk", f"cluster.root={tmp_path}",
-                   f"run_name=graphs_{graphs}", "trainer.compile=true", f"trainer.cuda_graphs={graphs}",
-                   "trainer.max_steps=40", "trainer.eval_every=20", "trainer.checkpoint_every=40", "trainer.log_every=5"]
-        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("sparta").experiment_id])}
-
-    def history(name, key):
-        return {m.step: m.value for m in client.get_metric_history(runs[name].info.run_id, key)}
-
+        train(tmp_path, f"run_name=graphs_{graphs}", "trainer.compile=true", f"trainer.cuda_graphs={graphs}",
+              "trainer.max_steps=40", "trainer.eval_every=20", "trainer.checkpoint_every=40", "trainer.log_every=5",
+              experiment="lm_topk")
+    client, runs = mlflow_runs(tmp_path)
+    plain_id, graphed_id = runs["graphs_false"].info.run_id, runs["graphs_true"].info.run_id
     for key in ("train/loss", "val/loss"):
-        plain, graphed = history("graphs_false", key), history("graphs_true", key)
+        plain, graphed = history(client, plain_id, key), history(client, graphed_id, key)
         assert sorted(graphed) == sorted(plain)
-        for step, value in plain.items():
-            assert graphed[step] == pytest.approx(value, rel=1e-2), (key, step)
-    graphs = history("graphs_true", "train/compiled_graphs")
+        for step, [value] in plain.items():
+            assert graphed[step] == [pytest.approx(value, rel=1e-2)], (key, step)
+    graphs = history(client, graphed_id, "train/compiled_graphs")
     assert graphs[10] == graphs[40], graphs
 
 
