@@ -426,7 +426,8 @@ def deepspeed_config(ds: DeepSpeedConfig, max_steps: int, use_gpu: bool) -> dict
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         # torch_adam: use torch's Adam(W) instead of compiling DeepSpeed's fused CUDA/CPU op; on a GPU its
-        # fused kernel, one pass over the states (the multi-tensor one makes ~7: as long as an MoE LM's backward).
+        # fused kernel, one pass over the states (the multi-tensor one makes ~7: 14.5 ms a step for the 0.48B
+        # MoE LM on an H100, against 20 ms for its backward).
         "optimizer": {"type": OPTIMIZERS[opt.name], "params": {
             "lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
             "torch_adam": True, **({"fused": True} if use_gpu else {})}},
