@@ -136,6 +136,10 @@ def train(args: WorkerArgs) -> None:
     # DeepSpeed reports the global gradient norm from its ZeRO and bf16/fp16 optimizers; fp32 without
     # ZeRO clips without keeping it, so the loop measures it there.
     reports_grad_norm = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
+
+    def global_grad_norm() -> float:  # of the last optimizer step; reading it waits for the GPU
+        return float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
+
     interval, metrics, evaluated = MetricSums(), {}, False
     profiler = (StepProfiler(trainer.profile_steps, args.use_gpu, run_dir / "profile")
                 if rank == 0 and trainer.profile_steps and step < trainer.profile_steps[0] else None)
@@ -185,7 +189,8 @@ def train(args: WorkerArgs) -> None:
             if schedule:
                 metrics["moe/chunk_sparsity_coef"] = schedule.coef
             metrics["train/lr"] = engine.get_lr()[0]
-            metrics["train/grad_norm"] = float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
+            metrics["train/grad_norm"] = global_grad_norm()
+            stop_if_diverged(step, {k: metrics[k] for k in ("train/loss", "train/grad_norm") if k in metrics})
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
             eval_start = time.perf_counter()
             metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device, cuda_graphs)
@@ -205,6 +210,7 @@ def train(args: WorkerArgs) -> None:
         if tracker and metrics:
             tracker.log_metrics(metrics, step)
         if step % trainer.checkpoint_every == 0 or step == trainer.max_steps:
+            stop_if_diverged(step, {"train/grad_norm": global_grad_norm()})
             paused = time.perf_counter()
             save_checkpoint(engine, model, ep_group, writer,
                             {"step": step, **run_record, "expert_load": expert_loads.state(),
@@ -435,6 +441,21 @@ def write_outcome(run_dir: Path, outcome: dict) -> None:
 def read_outcome(run_dir: Path) -> dict:
     path = Path(run_dir) / OUTCOME_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class DivergedError(RuntimeError):
+    """The gradients stopped being finite: the weights are lost from that step on."""
+
+
+def stop_if_diverged(step: int, values: dict[str, float]) -> None:
+    """DeepSpeed runs without an overflow check (bf16 has no loss scale to lower; fp32 never had one),
+    so a non-finite gradient reaches the weights. Checked at every logging and checkpoint step, before
+    the checkpoint is written: the checkpoints kept are from before the divergence."""
+    lost = ", ".join(f"{key}={value}" for key, value in values.items() if not math.isfinite(value))
+    if lost:
+        raise DivergedError(f"step {step}: {lost}: training diverged and the weights are no longer finite; "
+                            f"resume from the last checkpoint with a lower deepspeed.optimizer.lr or "
+                            f"deepspeed.gradient_clipping")
 
 
 def inject_failure_once(run_dir: Path, step: int) -> None:

@@ -190,6 +190,7 @@ def test_deepspeed_config_mapping():
     assert "fused" not in cpu["optimizer"]["params"]
     gpu = deepspeed_config(job.deepspeed, 300, use_gpu=True)
     assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["fused"]  # torch's single-pass AdamW kernel
+    assert gpu["bf16"]["check_grad_overflow"] is False  # the loop's divergence stop replaces it
     constant = compose_job("deepspeed.lr_schedule.name=warmup_constant").deepspeed
     assert deepspeed_config(constant, 300, use_gpu=False)["scheduler"]["type"] == "WarmupLR"
 
