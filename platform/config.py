@@ -330,8 +330,11 @@ def _check_ranges(job: JobConfig) -> None:
         (t.peak_tflops is None or t.peak_tflops > 0, "trainer.peak_tflops", "> 0 or null", t.peak_tflops),
         (not t.cuda_graphs or t.compile, "trainer.cuda_graphs", "false unless trainer.compile=true (the graphs are Inductor's)",
          t.cuda_graphs),
-        (not t.cuda_graphs or ds.zero_stage <= 2, "trainer.cuda_graphs",
-         f"false with deepspeed.zero_stage={ds.zero_stage} (ZeRO-3 moves the parameters a graph reads)", t.cuda_graphs),
+        # ZeRO-2 copies each gradient out of the graph's memory as the backward makes it. ZeRO-0/1 leave it in
+        # param.grad, which the next micro-batch's replay overwrites (H100: the second backward fails); ZeRO-3
+        # moves the parameters a graph reads.
+        (not t.cuda_graphs or ds.zero_stage == 2, "trainer.cuda_graphs",
+         f"false with deepspeed.zero_stage={ds.zero_stage} (the graphs need ZeRO-2)", t.cuda_graphs),
         (t.profile_steps is None or 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps, "trainer.profile_steps",
          f"null or [first, last] with 1 <= first <= last <= trainer.max_steps={t.max_steps}", t.profile_steps),
         *[(ok, f"trainer.chunk_sparsity_schedule.{key}", expected, getattr(t.chunk_sparsity_schedule, key))
