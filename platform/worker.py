@@ -175,7 +175,7 @@ def train(args: WorkerArgs) -> None:
 
         if trainer.compile and step == first_step + 1 and progress:  # this step compiled the model
             compile_s = time.perf_counter() - step_start
-            progress.discount(compile_s)
+            progress.discount(compile_s, steps=1)
             log.info(f"[sparta] step {step} compiled the model in {compile_s:.1f}s (left out of tokens/s and MFU)")
             if tracker:
                 tracker.log_metrics({"train/compile_s": compile_s}, step)
@@ -477,10 +477,12 @@ class Progress:
         if first_step:
             log.info(f"[sparta] resumed from the checkpoint at step {first_step}")
 
-    def discount(self, seconds: float) -> None:
-        """Leave `seconds` (a step that compiled the model) out of the rate and the ETA."""
+    def discount(self, seconds: float, steps: int = 0) -> None:
+        """Leave `seconds` (compiling, profiling), and the `steps` trained in them, out of the rate and the ETA."""
         self.start += seconds
         self.last += seconds
+        self.first_step += steps
+        self.last_step += steps
 
     def tokens_per_s(self, step: int, tokens_per_step: int) -> float:
         now = time.perf_counter()
@@ -489,7 +491,7 @@ class Progress:
         return rate
 
     def show(self, step: int, metrics: dict) -> None:
-        eta = (self.last - self.start) / (step - self.first_step) * (self.max_steps - step)
+        eta = (self.last - self.start) / max(step - self.first_step, 1) * (self.max_steps - step)
         parts = [f"step {step:>{len(str(self.max_steps))}}/{self.max_steps}"]
         if "train/loss" in metrics:
             parts += [f"loss {metrics['train/loss']:.4f}", f"lr {metrics['train/lr']:.2e}",

@@ -33,6 +33,21 @@ def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
     assert lines[-1].endswith("5.1k tok/s | eta 2.5s")
 
 
+def test_the_step_that_compiled_is_left_out_of_the_first_window(monkeypatch):
+    """Step 1 compiles for 60 s, steps 2-10 take 1 s each: 9 steps' tokens in 9 s (counting step 1's
+    tokens, as it once did, read 10/9 too fast); the ETA of the 10 steps left uses the same rate."""
+    clock = iter([0.0, 70.0])
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
+    lines = []
+    monkeypatch.setattr(worker.log, "info", lines.append)
+    progress = worker.Progress(max_steps=20, first_step=0)
+    progress.discount(61.0, steps=1)  # all of step 1, as the worker measures it
+    metrics = {"train/tokens_per_s": progress.tokens_per_s(10, tokens_per_step=900)}
+    assert metrics["train/tokens_per_s"] == 900
+    progress.show(10, metrics)
+    assert lines[-1].endswith("0.9k tok/s | eta 10s")
+
+
 def test_summary_names_the_mlflow_run_and_what_did_not_reach_it(capsys):
     """A store lost mid-run: the run id is still printed (params and early steps are there), with what
     was not recorded and that the run could not be closed; nothing of it when all went through."""
