@@ -65,7 +65,7 @@ def main():
         metrics = step(model, inputs, targets)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
-    experts = {layer: float(metrics[f"moe/layer_{layer:02d}/ffn_experts_per_token"]) for layer in model.moe_layers}
+    experts = dict(zip(model.moe_layers, metrics["moe/layers/ffn_experts_per_token"].tolist()))
     flops = model.flops_per_token(seq, experts) * batch * seq
     peak = peak_tflops(None, use_gpu=True)
     name = " ".join(args.overrides) + (f" (compiled, mode {args.mode or 'default'})" if args.compile else "")

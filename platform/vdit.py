@@ -178,7 +178,7 @@ class DiTBlock(CheckpointedBlock):
 class VideoDiT(nn.Module):
     """The trainer's contract: `model(videos, labels)` -> `(loss, metrics)`, the flow-matching loss of
     clean `videos` [B, C, T, H, W] with class `labels` [B] (plus the MoE auxiliary losses) and detached
-    metrics (`loss` the flow-matching MSE, `aux_loss`, `moe/layer_03/<stat>`); `velocity(x_t, t,
+    metrics (`loss` the flow-matching MSE, `aux_loss`, `moe/layers/<stat>`); `velocity(x_t, t,
     labels)` for sampling; `flops_per_token` for MFU. ep_group: as the LM's (`platform/lm.py`).
     """
 

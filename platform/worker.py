@@ -27,6 +27,7 @@ from sparta.platform import checkpoint
 from sparta.platform.config import JobConfig, deepspeed_config
 from sparta.platform.console import log_to_console_file
 from sparta.platform.data import Prefetched, TokenBatches, open_corpus
+from sparta.platform.lm import per_layer
 from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_parallel, mark_expert_parameters
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
@@ -168,7 +169,7 @@ def train(args: WorkerArgs) -> None:
             with record_function("sparta/metrics"):
                 interval.add(step_metrics, 1 / accumulation)
             if schedule:
-                chunk_loss += mean_over_layers(step_metrics, "chunk_sparsity_loss") / accumulation
+                chunk_loss += step_metrics["moe/layers/chunk_sparsity_loss"].mean() / accumulation
         if schedule:
             dist.all_reduce(chunk_loss)
             set_chunk_sparsity_coef(model, schedule.update(chunk_loss.item() / world_size))
@@ -182,7 +183,7 @@ def train(args: WorkerArgs) -> None:
 
         metrics = {}
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            metrics = interval.mean()
+            metrics = per_layer(interval.mean(), model.moe_layers)
             expert_loads.add(step, {k: metrics.pop(k) for k in list(metrics) if k.endswith("/expert_load")})
             metrics = {f"train/{k}" if k in ("loss", "aux_loss") else k: v for k, v in metrics.items()}
             metrics.update(model_wide_means(metrics))
@@ -265,8 +266,8 @@ class MetricSums:
         self.steps = 0.0
 
     def add(self, metrics: dict[str, torch.Tensor], weight: float) -> None:
-        """An MoE LM reports hundreds of small tensors a step: the known ones are summed by one multi-tensor
-        kernel (a host that launched a kernel or two per metric would pace the step)."""
+        """The known metrics are summed by one multi-tensor kernel (a host that launched a kernel or two
+        per metric would pace the step)."""
         values = {key: value.detach().float() for key, value in metrics.items()}
         known = [key for key in values if key in self.sums]
         if known:
@@ -276,7 +277,7 @@ class MetricSums:
         self.steps += weight
 
     def mean(self, all_ranks: bool = True) -> dict[str, float | torch.Tensor]:
-        """Mean per step (and rank): scalars as floats, vectors (expert loads) as CPU tensors; resets."""
+        """Mean per step (and rank): scalars as floats, the others (per-layer stacks) as CPU tensors; resets."""
         keys = sorted(self.sums)
         flat = torch.cat([self.sums[k].reshape(-1) for k in keys])
         ranks = 1
@@ -286,7 +287,7 @@ class MetricSums:
         flat = (flat / (ranks * self.steps)).cpu()
         means = {}
         for key, part in zip(keys, flat.split([self.sums[k].numel() for k in keys])):
-            means[key] = part.item() if self.sums[key].dim() == 0 else part
+            means[key] = part.item() if self.sums[key].dim() == 0 else part.view(self.sums[key].shape)
         self.sums, self.steps = {}, 0.0
         return means
 
@@ -312,11 +313,6 @@ def set_chunk_sparsity_coef(model, coef: float) -> None:
     for module in model.modules():
         if isinstance(module, MoE):
             module.config.chunk_sparsity_coef = coef
-
-
-def mean_over_layers(metrics: dict, stat: str) -> torch.Tensor:
-    values = [v for k, v in metrics.items() if k.startswith("moe/layer_") and k.endswith(f"/{stat}")]
-    return torch.stack(values).mean()
 
 
 def model_wide_means(metrics: dict) -> dict[str, float]:

@@ -65,20 +65,21 @@ def test_summary_names_the_mlflow_run_and_what_did_not_reach_it(capsys):
     assert "MLflow:" not in capsys.readouterr().out
 
 
-def test_metric_sums_give_the_weighted_mean_per_step_of_scalars_and_vectors():
+def test_metric_sums_give_the_weighted_mean_per_step_of_scalars_and_stacks():
     """Two optimizer steps of two micro-batches each (weight 1/2); a key first seen in the second step is
-    averaged over all the steps, as the interval's sum; the model's tensors are never written."""
+    averaged over all the steps, as the interval's sum; a stack keeps its shape (two layers' expert
+    loads, [2, 2]); the model's tensors are never written."""
     sums = worker.MetricSums()
     loss = [torch.tensor(v) for v in (1.0, 3.0, 5.0, 7.0)]
-    load = [torch.tensor([v, 1.0 - v]) for v in (0.2, 0.4, 0.6, 0.8)]
+    load = [torch.tensor([[v, 1.0 - v], [0.0, 1.0]]) for v in (0.2, 0.4, 0.6, 0.8)]
     for micro in range(4):
-        metrics = {"loss": loss[micro], "moe/layer_00/expert_load": load[micro]}
+        metrics = {"loss": loss[micro], "moe/layers/expert_load": load[micro]}
         if micro >= 2:
             metrics["moe/tls"] = torch.tensor(0.9, dtype=torch.bfloat16)
         sums.add(metrics, 0.5)
     means = sums.mean(all_ranks=False)
     assert means["loss"] == 4.0 and isinstance(means["loss"], float)
-    torch.testing.assert_close(means["moe/layer_00/expert_load"], torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(means["moe/layers/expert_load"], torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
     assert abs(means["moe/tls"] - 0.9 / 2) < 1e-3  # bf16 0.9, over both steps
-    assert loss[0].item() == 1.0 and torch.equal(load[0], torch.tensor([0.2, 0.8]))
+    assert loss[0].item() == 1.0 and torch.equal(load[0], torch.tensor([[0.2, 0.8], [0.0, 1.0]]))
     assert sums.sums == {} and sums.steps == 0.0  # reset for the next interval

@@ -12,7 +12,9 @@ from sparta.platform.lm import (
     apply_rotary,
     document_ids,
     next_token_loss,
+    per_layer,
     rotary_tables,
+    run_blocks,
 )
 
 
@@ -108,6 +110,29 @@ def test_moe_layers_are_placed_by_first_dense_layers_and_moe_every():
     assert [type(block.ffn).__name__ for block in model.blocks] == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
 
 
+def test_moe_metrics_stack_each_layers_own_stats_and_per_layer_names_them():
+    """Layers 1 and 3 are MoE: row j of every `moe/layers/<stat>` is the j-th MoE layer's `aux` value, and
+    `per_layer` turns the rows into `moe/layer_01/<stat>`, `moe/layer_03/<stat>` (floats, the load a vector)."""
+    torch.manual_seed(0)
+    model = moe_lm("moepp", first_dense_layers=1, moe_every=2)
+    tokens = torch.randint(1, 97, (2, 17))
+    _, metrics = model(tokens[:, :-1], tokens[:, 1:])
+    cos, sin = rotary_tables(16, 8, model.cfg.rope_theta, tokens.device)
+    _, auxes = run_blocks(model.blocks, model.embed(tokens[:, :-1]), document_ids(tokens[:, :-1], 0), cos, sin)
+    assert list(auxes) == [1, 3]
+    for row, aux in enumerate(auxes.values()):
+        for stat in ("tls", "cls8", "zero_fraction", "ffn_experts_per_token"):
+            torch.testing.assert_close(metrics[f"moe/layers/{stat}"][row], aux.stats[stat].float())
+        torch.testing.assert_close(metrics["moe/layers/expert_load"][row], aux.expert_load.float())
+
+    named = per_layer({**metrics, "loss": 2.5}, model.moe_layers)
+    assert named["loss"] == 2.5 and not any(key.startswith("moe/layers/") for key in named)
+    assert named["moe/layer_03/tls"] == metrics["moe/layers/tls"][1].item()
+    torch.testing.assert_close(named["moe/layer_01/expert_load"], metrics["moe/layers/expert_load"][0])
+    with pytest.raises(ValueError):  # a stack of another model's layers
+        per_layer(metrics, [1, 3, 5])
+
+
 @pytest.mark.parametrize("router", ["topk", "blockffn", "moepp"])
 def test_moe_lm_loss_is_cross_entropy_plus_the_aux_losses_and_trains(router):
     torch.manual_seed(0)
@@ -118,9 +143,10 @@ def test_moe_lm_loss_is_cross_entropy_plus_the_aux_losses_and_trains(router):
     torch.testing.assert_close(metrics["loss"], next_token_loss(model(inputs), targets))
     torch.testing.assert_close(loss, metrics["loss"] + metrics["aux_loss"])
     assert metrics["aux_loss"] > 0
-    for layer in model.moe_layers:
-        assert metrics[f"moe/layer_{layer:02d}/expert_load"].shape == (4,)
-        assert 0 <= metrics[f"moe/layer_{layer:02d}/tls"] <= 1
+    layers = len(model.moe_layers)
+    assert metrics["moe/layers/expert_load"].shape == (layers, 4)
+    tls = metrics["moe/layers/tls"]
+    assert tls.shape == (layers,) and 0 <= tls.min() and tls.max() <= 1
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     first = loss.item()
     for _ in range(30):
