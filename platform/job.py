@@ -52,7 +52,7 @@ def plan_workers(job: JobConfig, resources: dict) -> WorkerPlan:
             f"{trainer.cpus_per_worker:g} need {num_workers * trainer.cpus_per_worker:g} CPUs, the cluster has {cpus}; "
             f"expected trainer.num_workers <= {int(cpus // trainer.cpus_per_worker)}")
     check_layout(job.parallel, num_workers)
-    deepspeed_config(job.deepspeed, trainer.max_steps, use_gpu)  # raises on a precision the workers can't run
+    deepspeed_config(job.deepspeed, trainer.max_steps, use_gpu, num_workers)  # raises on a precision the workers can't run
     return WorkerPlan(num_workers, use_gpu)
 
 

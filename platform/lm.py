@@ -55,10 +55,10 @@ class LMConfig:
         return self.ffn == "moe" and layer >= self.first_dense_layers and (layer - self.first_dense_layers) % self.moe_every == 0
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin `[seq_len, head_dim // 2]` for rotating pairs (x[2i], x[2i+1]) by angle pos * theta^(-2i/d)."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
 
@@ -159,6 +159,11 @@ class TransformerLM(nn.Module):
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Made once, fp32 (DeepSpeed casts the parameters only): computed in the forward, the compiled
+        # model recomputed pow and cos in every rotation kernel, forward and backward.
+        cos, sin = rotary_tables(cfg.max_seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         self._init_weights(init_seed, ep_group)
@@ -190,7 +195,7 @@ class TransformerLM(nn.Module):
         `(loss, metrics)`: the loss to minimise and detached metrics (`loss` the cross-entropy,
         `aux_loss`, and `moe/layers/<stat>` with a value per MoE layer: `moe_metrics`)."""
         seq = self.cfg.check_seq_len(tokens)
-        cos, sin = rotary_tables(seq, self.cfg.d_model // self.cfg.n_heads, self.cfg.rope_theta, tokens.device)
+        cos, sin = self.rotary_cos[:seq], self.rotary_sin[:seq]
         doc_ids = document_ids(tokens, self.cfg.eot_id) if self.moe_layers and self.cfg.eot_id is not None else None
         if self.sp_group is not None:  # a token-mean loss: the mean over the group's shards is the sequence's
             tokens, targets, doc_ids = (shard_or_none(t, self.sp_group) for t in (tokens, targets, doc_ids))

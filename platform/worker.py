@@ -107,7 +107,7 @@ def train(args: WorkerArgs) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=weight_decay_groups(model, ds.optimizer.weight_decay),
-        config=deepspeed_config(ds, trainer.max_steps, args.use_gpu),
+        config=deepspeed_config(ds, trainer.max_steps, args.use_gpu, dist.get_world_size()),
         dist_init_required=False,
     )
     accumulation = ds.gradient_accumulation_steps

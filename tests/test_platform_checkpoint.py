@@ -36,7 +36,7 @@ def engine_for(zero_stage: int, seed: int = 0):
                                    max_seq_len=16, ffn="moe", moe=moe, eot_id=0))
     ds = DeepSpeedConfig(zero_stage, "fp32", 1.0, 1, 4, OptimizerConfig("adamw", 1e-2, (0.9, 0.95), 1e-8, 0.1),
                          LRScheduleConfig("warmup_cosine", 2, 0.1))
-    config = deepspeed_config(ds, 20, use_gpu=False)
+    config = deepspeed_config(ds, 20, use_gpu=False, world_size=1)
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # ZeRO-3: even small weights come and go
     engine, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, 0.1), config=config,
                                       dist_init_required=False)

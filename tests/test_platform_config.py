@@ -181,8 +181,8 @@ def test_worker_plan_against_the_machine():
 
 def test_deepspeed_config_mapping():
     job = compose_job("deepspeed=zero3", "deepspeed.gradient_accumulation_steps=4")
-    cpu = deepspeed_config(job.deepspeed, 300, use_gpu=False)
-    assert cpu["zero_optimization"] == {"stage": 3}
+    cpu = deepspeed_config(job.deepspeed, 300, use_gpu=False, world_size=2)
+    assert cpu["zero_optimization"] == {"stage": 3, "reduce_scatter": True}
     assert cpu["gradient_accumulation_steps"] == 4 and cpu["train_micro_batch_size_per_gpu"] == 8
     assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]
     assert cpu["optimizer"]["type"] == "AdamW" and cpu["optimizer"]["params"]["torch_adam"]
@@ -190,11 +190,12 @@ def test_deepspeed_config_mapping():
     assert cpu["scheduler"]["params"]["total_num_steps"] == 300
     assert cpu["scheduler"]["params"]["cos_min_ratio"] == 0.1
     assert "fused" not in cpu["optimizer"]["params"]
-    gpu = deepspeed_config(job.deepspeed, 300, use_gpu=True)
+    gpu = deepspeed_config(job.deepspeed, 300, use_gpu=True, world_size=1)
     assert gpu["bf16"]["enabled"] and gpu["optimizer"]["params"]["fused"]  # torch's single-pass AdamW kernel
     assert gpu["bf16"]["check_grad_overflow"] is False  # the loop's divergence stop replaces it
+    assert gpu["zero_optimization"]["reduce_scatter"] is False  # one worker: no divide by 1, no extra copy
     constant = compose_job("deepspeed.lr_schedule.name=warmup_constant").deepspeed
-    assert deepspeed_config(constant, 300, use_gpu=False)["scheduler"]["type"] == "WarmupLR"
+    assert deepspeed_config(constant, 300, use_gpu=False, world_size=1)["scheduler"]["type"] == "WarmupLR"
 
 
 def test_every_key_in_the_group_files_is_documented():

@@ -92,6 +92,15 @@ def test_next_token_loss_is_cross_entropy_and_trains():
     assert loss.item() < 0.5 * first
 
 
+def test_rotary_tables_are_made_once_and_left_out_of_checkpoints():
+    """fp32 buffers of model.max_seq_len rows, sliced by the forward; not state, so checkpoints hold what they held."""
+    model = TransformerLM(tiny())
+    cos, sin = rotary_tables(32, 8, model.cfg.rope_theta)
+    torch.testing.assert_close(model.rotary_cos, cos, rtol=0, atol=0)
+    torch.testing.assert_close(model.rotary_sin, sin, rtol=0, atol=0)
+    assert not [key for key in model.state_dict() if "rotary" in key]
+
+
 def test_too_long_sequence_names_max_seq_len():
     model = TransformerLM(tiny(max_seq_len=8))
     with pytest.raises(ValueError, match="model.max_seq_len=8"):
@@ -117,7 +126,7 @@ def test_moe_metrics_stack_each_layers_own_stats_and_per_layer_names_them():
     model = moe_lm("moepp", first_dense_layers=1, moe_every=2)
     tokens = torch.randint(1, 97, (2, 17))
     _, metrics = model(tokens[:, :-1], tokens[:, 1:])
-    cos, sin = rotary_tables(16, 8, model.cfg.rope_theta, tokens.device)
+    cos, sin = rotary_tables(16, 8, model.cfg.rope_theta)
     _, auxes = run_blocks(model.blocks, model.embed(tokens[:, :-1]), document_ids(tokens[:, :-1], 0), cos, sin)
     assert list(auxes) == [1, 3]
     for row, aux in enumerate(auxes.values()):

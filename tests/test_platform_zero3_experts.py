@@ -37,7 +37,7 @@ def _rank(rank: int, init_file: str, expert: int, zero_stage: int, losses):
             mark_expert_parameters(model, layout.expert_groups.expert_group_name)
         ds = DeepSpeedConfig(zero_stage, "fp32", 1.0, 1, 2, OptimizerConfig("adamw", 1e-2, (0.9, 0.95), 1e-8, 0.1),
                              LRScheduleConfig("warmup_cosine", 2, 0.1))
-        config = deepspeed_config(ds, 20, use_gpu=False)
+        config = deepspeed_config(ds, 20, use_gpu=False, world_size=WORLD)
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # even small weights come and go
         engine, *_ = deepspeed.initialize(model=model, model_parameters=weight_decay_groups(model, 0.1), config=config,
                                           dist_init_required=False)
