@@ -57,6 +57,7 @@ def test_cuda_graphs_train_the_losses_of_the_compiled_moe_lm(tmp_path):
     for graphs in ("false", "true"):
         train(tmp_path, f"run_name=graphs_{graphs}", "trainer.compile=true", f"trainer.cuda_graphs={graphs}",
               "trainer.max_steps=40", "trainer.eval_every=20", "trainer.checkpoint_every=40", "trainer.log_every=5",
+              "deepspeed.lr_schedule.warmup_steps=10",
               experiment="lm_topk")
     client, runs = mlflow_runs(tmp_path)
     plain_id, graphed_id = runs["graphs_false"].info.run_id, runs["graphs_true"].info.run_id
