@@ -42,6 +42,8 @@ def speed_record(name: str, run: dict) -> dict:
     if run["history"]["train/mfu"]:
         mfu = harness.steady(run["history"]["train/mfu"])
         record.update(mfu=round(mfu, 4), baseline="device dense bf16 peak (datasheet)")
+    if "gpu/peak_reserved_gib" in run["metrics"]:
+        record["peak_reserved_gib"] = round(run["metrics"]["gpu/peak_reserved_gib"], 1)
     return record
 
 

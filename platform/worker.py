@@ -191,6 +191,8 @@ def train(args: WorkerArgs) -> None:
                 metrics["moe/chunk_sparsity_coef"] = schedule.coef
             metrics["train/lr"] = engine.get_lr()[0]
             metrics["train/grad_norm"] = global_grad_norm()
+            if args.use_gpu:  # what the caching allocator holds at most (CUDA graphs' pools included): the OOM margin
+                metrics["gpu/peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
             stop_if_diverged(step, {k: metrics[k] for k in ("train/loss", "train/grad_norm") if k in metrics})
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
             eval_start = time.perf_counter()
@@ -502,6 +504,8 @@ class Progress:
         parts.append(f"{metrics['train/tokens_per_s'] / 1000:.1f}k tok/s")
         if "train/mfu" in metrics:
             parts.append(f"mfu {metrics['train/mfu']:.1%}")
+        if "gpu/peak_reserved_gib" in metrics:
+            parts.append(f"mem {metrics['gpu/peak_reserved_gib']:.1f} GiB")
         parts.append(f"eta {format_seconds(eta)}")
         log.info("[sparta] " + " | ".join(parts))
 

@@ -33,6 +33,18 @@ def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
     assert lines[-1].endswith("5.1k tok/s | eta 2.5s")
 
 
+def test_the_line_shows_mfu_and_peak_gpu_memory_when_logged(monkeypatch):
+    clock = iter([0.0, 2.0])
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
+    lines = []
+    monkeypatch.setattr(worker.log, "info", lines.append)
+    progress = worker.Progress(max_steps=20, first_step=0)
+    metrics = {"train/tokens_per_s": progress.tokens_per_s(10, tokens_per_step=1000),
+               "train/mfu": 0.3584, "gpu/peak_reserved_gib": 41.27}
+    progress.show(10, metrics)
+    assert lines[-1].endswith("5.0k tok/s | mfu 35.8% | mem 41.3 GiB | eta 2.0s")
+
+
 def test_the_step_that_compiled_is_left_out_of_the_first_window(monkeypatch):
     """Step 1 compiles for 60 s, steps 2-10 take 1 s each: 9 steps' tokens in 9 s (counting step 1's
     tokens, as it once did, read 10/9 too fast); the ETA of the 10 steps left uses the same rate."""

@@ -33,7 +33,8 @@ def test_small_gpu_experiment_trains_in_bf16_on_every_gpu(tmp_path):
 
 @pytest.mark.parametrize("router", ["blockffn", "moepp"])
 def test_moe_lm_trains_on_the_gpu_with_sparsity_and_mfu(tmp_path, router):
-    """The MoE LM experiment through launch/train.py, shortened: per-layer sparsity and MFU reach MLflow."""
+    """The MoE LM experiment through launch/train.py, shortened: per-layer sparsity, MFU and the peak GPU
+    memory reach MLflow."""
     from mlflow.tracking import MlflowClient
 
     command = [sys.executable, str(REPO / "launch" / "train.py"), f"experiment=lm_{router}", f"cluster.root={tmp_path}",
@@ -45,6 +46,8 @@ def test_moe_lm_trains_on_the_gpu_with_sparsity_and_mfu(tmp_path, router):
     run = client.search_runs([client.get_experiment_by_name("sparta").experiment_id])[0]
     metrics = run.data.metrics
     assert 0 < metrics["train/mfu"] < 1 and 0 < metrics["moe/tls"] < 1 and "moe/layer_11/cls8" in metrics
+    device_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    assert 0 < metrics["gpu/peak_reserved_gib"] <= device_gib
     val = sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)
     assert val[-1].value < val[0].value
 
