@@ -430,7 +430,7 @@ def deepspeed_config(ds: DeepSpeedConfig, max_steps: int, use_gpu: bool, world_s
         "zero_optimization": {"stage": ds.zero_stage, "reduce_scatter": world_size > 1},
         # No per-tensor overflow check in bf16 (no loss scale to adjust): it cost ~15 ms of host time and a
         # host sync a step (0.48B MoE LM, H100). As in Megatron, the loop stops the run on a non-finite
-        # gradient norm instead (worker.stop_if_diverged).
+        # gradient norm instead (worker.divergence).
         "bf16": {"enabled": precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": precision == "fp16"},
         # torch_adam: use torch's Adam(W) instead of compiling DeepSpeed's fused CUDA/CPU op; on a GPU its

@@ -17,7 +17,7 @@ from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
 from sparta.platform.data import Corpus, count_windows, open_corpus, prepare_corpus
 from sparta.platform.runs import CHECKPOINT_DIR_TAG, resolve
 from sparta.platform.tracking import Tracker, default_tracking_uri
-from sparta.platform.worker import WorkerArgs, read_outcome, train_worker
+from sparta.platform.worker import DivergedError, WorkerArgs, read_outcome, train_worker
 
 
 @dataclass(frozen=True)
@@ -219,9 +219,12 @@ def run(job: JobConfig, default_run_name: str, params: dict, resolved_yaml: str)
     finally:
         ray.shutdown()
     tracker.log_loss_curve()
+    metrics = read_outcome(run_dir)
+    if "diverged" in metrics:
+        tracker.end_run("FAILED")
+        raise DivergedError(metrics["diverged"])
     closed = tracker.end_run("FINISHED")
 
-    metrics = read_outcome(run_dir)
     outcome = JobResult(run_name, metrics.get("step", 0), metrics.get("val/loss"),
                         checkpoint.latest(run_dir), tracker.uri, tracker.run_id)
     print_summary(outcome, job.tracking.experiment, tracking_gaps(metrics, closed))

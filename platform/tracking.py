@@ -188,7 +188,7 @@ class Tracker:
             return series
 
         series = self._try("read the loss history", history)
-        if series is not None:
+        if series:  # none when the run stopped before its first logging step
             from sparta.platform import plots
 
             self.log_figure(plots.loss_curve(series), "loss_curve.png")

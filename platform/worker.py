@@ -141,7 +141,7 @@ def train(args: WorkerArgs) -> None:
     def global_grad_norm() -> float:  # of the last optimizer step; reading it waits for the GPU
         return float(engine.get_global_grad_norm() if reports_grad_norm else own_grad_norm)
 
-    interval, metrics, evaluated = MetricSums(), {}, False
+    interval, metrics, evaluated, diverged = MetricSums(), {}, False, None
     profiler = (StepProfiler(trainer.profile_steps, args.use_gpu, run_dir / "profile")
                 if rank == 0 and trainer.profile_steps and step < trainer.profile_steps[0] else None)
     while step < trainer.max_steps:
@@ -193,7 +193,9 @@ def train(args: WorkerArgs) -> None:
             metrics["train/grad_norm"] = global_grad_norm()
             if args.use_gpu:  # what the caching allocator holds at most (CUDA graphs' pools included): the OOM margin
                 metrics["gpu/peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
-            stop_if_diverged(step, {k: metrics[k] for k in ("train/loss", "train/grad_norm") if k in metrics})
+            diverged = divergence(step, {k: metrics[k] for k in ("train/loss", "train/grad_norm") if k in metrics})
+            if diverged:
+                break
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
             eval_start = time.perf_counter()
             metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device, cuda_graphs)
@@ -213,7 +215,9 @@ def train(args: WorkerArgs) -> None:
         if tracker and metrics:
             tracker.log_metrics(metrics, step)
         if step % trainer.checkpoint_every == 0 or step == trainer.max_steps:
-            stop_if_diverged(step, {"train/grad_norm": global_grad_norm()})
+            diverged = divergence(step, {"train/grad_norm": global_grad_norm()})
+            if diverged:
+                break
             paused = time.perf_counter()
             save_checkpoint(engine, model, ep_group, writer,
                             {"step": step, **run_record, "expert_load": expert_loads.state(),
@@ -236,6 +240,9 @@ def train(args: WorkerArgs) -> None:
         writer.wait()
     if rank == 0:
         outcome = {"step": step, **{k: v for k, v in metrics.items() if k in ("train/loss", "val/loss")}}
+        if diverged:
+            log.error(f"[sparta] stopped: {diverged}")
+            outcome["diverged"] = diverged
         if tracker:
             tracker.log_moe_plots(expert_loads, last_layer_cls(metrics))
             tracker.flush(now=True)
@@ -442,18 +449,20 @@ def read_outcome(run_dir: Path) -> dict:
 
 
 class DivergedError(RuntimeError):
-    """The gradients stopped being finite: the weights are lost from that step on."""
+    """The gradients stopped being finite: the weights are lost from that step on (raised by the driver)."""
 
 
-def stop_if_diverged(step: int, values: dict[str, float]) -> None:
-    """DeepSpeed runs without an overflow check (bf16 has no loss scale to lower; fp32 never had one),
-    so a non-finite gradient reaches the weights. Checked at every logging and checkpoint step, before
-    the checkpoint is written: the checkpoints kept are from before the divergence."""
+def divergence(step: int, values: dict[str, float]) -> str | None:
+    """What went non-finite, or None. DeepSpeed runs without an overflow check (bf16 has no loss scale to
+    lower; fp32 never had one), so a non-finite gradient reaches the weights. Checked at every logging and
+    checkpoint step, before the checkpoint is written: the checkpoints kept are from before the divergence.
+    The values are global (all ranks stop at the same step), and the workers end normally: a Ray Train
+    restart from the last checkpoint would only take the same steps to the same divergence."""
     lost = ", ".join(f"{key}={value}" for key, value in values.items() if not math.isfinite(value))
     if lost:
-        raise DivergedError(f"step {step}: {lost}: training diverged and the weights are no longer finite; "
-                            f"resume from the last checkpoint with a lower deepspeed.optimizer.lr or "
-                            f"deepspeed.gradient_clipping")
+        return (f"step {step}: {lost}: training diverged and the weights are no longer finite; resume from "
+                f"the last checkpoint with a lower deepspeed.optimizer.lr or deepspeed.gradient_clipping")
+    return None
 
 
 def inject_failure_once(run_dir: Path, step: int) -> None:
