@@ -21,12 +21,18 @@ def test_tail_prints_only_new_complete_lines(tmp_path, capsys):
     assert capsys.readouterr().out == "[sparta] step 2/2\n"
 
 
-def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
-    """5 of 30 steps in 0.5 s: 2.5 s to go, shown as such (it used to read "2s", then "0s")."""
-    clock = iter([100.0, 100.5])
-    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
+def console_lines(monkeypatch, *clock: float) -> list[str]:
+    """The lines `Progress` writes from here on, `time.perf_counter` reading `clock` in turn."""
+    readings = iter(clock)
+    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(readings))
     lines = []
     monkeypatch.setattr(worker.log, "info", lines.append)
+    return lines
+
+
+def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
+    """5 of 30 steps in 0.5 s: 2.5 s to go, shown as such (it used to read "2s", then "0s")."""
+    lines = console_lines(monkeypatch, 100.0, 100.5)
     progress = worker.Progress(max_steps=30, first_step=0)
     metrics = {"train/tokens_per_s": progress.tokens_per_s(5, tokens_per_step=512)}
     progress.show(5, metrics)
@@ -34,10 +40,7 @@ def test_eta_of_a_short_run_is_not_zero_seconds(monkeypatch):
 
 
 def test_the_line_shows_mfu_and_peak_gpu_memory_when_logged(monkeypatch):
-    clock = iter([0.0, 2.0])
-    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
-    lines = []
-    monkeypatch.setattr(worker.log, "info", lines.append)
+    lines = console_lines(monkeypatch, 0.0, 2.0)
     progress = worker.Progress(max_steps=20, first_step=0)
     metrics = {"train/tokens_per_s": progress.tokens_per_s(10, tokens_per_step=1000),
                "train/mfu": 0.3584, "gpu/peak_reserved_gib": 41.27}
@@ -48,10 +51,7 @@ def test_the_line_shows_mfu_and_peak_gpu_memory_when_logged(monkeypatch):
 def test_the_step_that_compiled_is_left_out_of_the_first_window(monkeypatch):
     """Step 1 compiles for 60 s, steps 2-10 take 1 s each: 9 steps' tokens in 9 s (counting step 1's
     tokens, as it once did, read 10/9 too fast); the ETA of the 10 steps left uses the same rate."""
-    clock = iter([0.0, 70.0])
-    monkeypatch.setattr(worker.time, "perf_counter", lambda: next(clock))
-    lines = []
-    monkeypatch.setattr(worker.log, "info", lines.append)
+    lines = console_lines(monkeypatch, 0.0, 70.0)
     progress = worker.Progress(max_steps=20, first_step=0)
     progress.discount(61.0, steps=1)  # all of step 1, as the worker measures it
     metrics = {"train/tokens_per_s": progress.tokens_per_s(10, tokens_per_step=900)}
