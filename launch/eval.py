@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from sparta.platform.data import TokenBatches, open_corpus
-from sparta.platform.lm import per_layer
+from sparta.platform.lm import named_moe_metrics
 from sparta.platform.runs import cli, load_model, read_config, resolve_cli
 from sparta.platform.tracking import Tracker
-from sparta.platform.worker import MetricSums, model_wide_means
+from sparta.platform.worker import MetricSums
 
 
 @torch.no_grad()
@@ -31,10 +31,8 @@ def evaluate(model_dir: Path, batches: int, batch_size: int) -> dict[str, float]
             inputs, targets = val.get(index)
             _, metrics = model(inputs.to(device), targets.to(device))
             sums.add(metrics, 1.0)
-    means = {k: v for k, v in per_layer(sums.mean(all_ranks=False), model.moe_layers).items()
-             if not isinstance(v, torch.Tensor)}  # the expert loads are plotted in training, not here
-    means.update(model_wide_means(means))
-    return means
+    return {k: v for k, v in named_moe_metrics(sums.mean(all_ranks=False), model.moe_layers).items()
+            if not isinstance(v, torch.Tensor)}  # the expert loads are plotted in training, not here
 
 
 def main() -> None:

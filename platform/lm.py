@@ -277,7 +277,7 @@ def moe_metrics(auxes: dict[int, MoEAux], cfg: MoEConfig) -> dict[str, torch.Ten
     measures), stacked over the layers: `moe/layers/<stat>` [MoE layers], `moe/layers/expert_load`
     [MoE layers, E]. One tensor per statistic, not per layer and statistic: a compiled step returns,
     and the training loop sums every micro-batch, ~20 tensors instead of ~250 (12 MoE++ layers).
-    `per_layer` names them `moe/layer_03/<stat>` once averaged."""
+    `named_moe_metrics` names them `moe/layer_03/<stat>` once averaged."""
     layers = list(auxes.values())
     stats = {key: [aux.stats[key] for aux in layers] for key in layers[0].stats}
     summaries = [load_summary(aux.expert_load) for aux in layers]
@@ -289,17 +289,20 @@ def moe_metrics(auxes: dict[int, MoEAux], cfg: MoEConfig) -> dict[str, torch.Ten
     return {f"moe/layers/{key}": torch.stack(values).detach().float() for key, values in stats.items()}
 
 
-def per_layer(metrics: dict, moe_layers: list[int]) -> dict:
+def named_moe_metrics(metrics: dict, moe_layers: list[int]) -> dict:
     """`metrics` with each `moe/layers/<stat>` (`moe_metrics`' stack, averaged on the host) split into
-    `moe/layer_03/<stat>`, the names logged: floats, and the expert load a vector per layer."""
+    `moe/layer_03/<stat>`, the names logged (floats, the expert load a vector per layer), and each
+    per-layer float's model-wide mean `moe/<stat>` over the MoE layers."""
     named = {}
     for key, value in metrics.items():
         if not key.startswith("moe/layers/"):
             named[key] = value
             continue
         stat = key.removeprefix("moe/layers/")
-        for layer, row in zip(moe_layers, value, strict=True):
-            named[f"moe/layer_{layer:02d}/{stat}"] = row if row.dim() else row.item()
+        rows = [row if row.dim() else row.item() for row in value]
+        named.update({f"moe/layer_{layer:02d}/{stat}": row for layer, row in zip(moe_layers, rows, strict=True)})
+        if value.dim() == 1:
+            named[f"moe/{stat}"] = sum(rows) / len(rows)
     return named
 
 

@@ -27,7 +27,7 @@ from sparta.platform import checkpoint
 from sparta.platform.config import JobConfig, deepspeed_config
 from sparta.platform.console import log_to_console_file
 from sparta.platform.data import Prefetched, TokenBatches, open_corpus
-from sparta.platform.lm import per_layer
+from sparta.platform.lm import named_moe_metrics
 from sparta.platform.models import build_model
 from sparta.platform.parallel import initialize_parallel, mark_expert_parameters
 from sparta.platform.plots import ZERO_COMPUTATION_KEYS
@@ -183,10 +183,9 @@ def train(args: WorkerArgs) -> None:
 
         metrics = {}
         if step % trainer.log_every == 0 or step == trainer.max_steps:
-            metrics = per_layer(interval.mean(), model.moe_layers)
+            metrics = named_moe_metrics(interval.mean(), model.moe_layers)
             expert_loads.add(step, {k: metrics.pop(k) for k in list(metrics) if k.endswith("/expert_load")})
             metrics = {f"train/{k}" if k in ("loss", "aux_loss") else k: v for k, v in metrics.items()}
-            metrics.update(model_wide_means(metrics))
             if schedule:
                 metrics["moe/chunk_sparsity_coef"] = schedule.coef
             metrics["train/lr"] = engine.get_lr()[0]
@@ -322,15 +321,6 @@ def set_chunk_sparsity_coef(model, coef: float) -> None:
     for module in model.modules():
         if isinstance(module, MoE):
             module.config.chunk_sparsity_coef = coef
-
-
-def model_wide_means(metrics: dict) -> dict[str, float]:
-    """`moe/<stat>`: the mean over MoE layers of every per-layer `moe/layer_03/<stat>`."""
-    per_stat: dict[str, list[float]] = {}
-    for key, value in metrics.items():
-        if key.startswith("moe/layer_"):
-            per_stat.setdefault(key.rsplit("/", 1)[1], []).append(value)
-    return {f"moe/{stat}": sum(values) / len(values) for stat, values in per_stat.items()}
 
 
 def layer_experts_per_token(metrics: dict) -> dict[int, float]:

@@ -11,8 +11,8 @@ from sparta.platform.lm import (
     TransformerLM,
     apply_rotary,
     document_ids,
+    named_moe_metrics,
     next_token_loss,
-    per_layer,
     rotary_tables,
     run_blocks,
 )
@@ -119,9 +119,10 @@ def test_moe_layers_are_placed_by_first_dense_layers_and_moe_every():
     assert [type(block.ffn).__name__ for block in model.blocks] == ["SwiGLU", "MoE", "SwiGLU", "MoE"]
 
 
-def test_moe_metrics_stack_each_layers_own_stats_and_per_layer_names_them():
+def test_moe_metrics_stack_each_layers_own_stats_and_named_moe_metrics_names_them():
     """Layers 1 and 3 are MoE: row j of every `moe/layers/<stat>` is the j-th MoE layer's `aux` value, and
-    `per_layer` turns the rows into `moe/layer_01/<stat>`, `moe/layer_03/<stat>` (floats, the load a vector)."""
+    `named_moe_metrics` turns the rows into `moe/layer_01/<stat>`, `moe/layer_03/<stat>` (floats, the load a
+    vector) and adds the model-wide mean `moe/<stat>` of the floats."""
     torch.manual_seed(0)
     model = moe_lm("moepp", first_dense_layers=1, moe_every=2)
     tokens = torch.randint(1, 97, (2, 17))
@@ -134,12 +135,14 @@ def test_moe_metrics_stack_each_layers_own_stats_and_per_layer_names_them():
             torch.testing.assert_close(metrics[f"moe/layers/{stat}"][row], aux.stats[stat].float())
         torch.testing.assert_close(metrics["moe/layers/expert_load"][row], aux.expert_load.float())
 
-    named = per_layer({**metrics, "loss": 2.5}, model.moe_layers)
+    named = named_moe_metrics({**metrics, "loss": 2.5}, model.moe_layers)
     assert named["loss"] == 2.5 and not any(key.startswith("moe/layers/") for key in named)
     assert named["moe/layer_03/tls"] == metrics["moe/layers/tls"][1].item()
     torch.testing.assert_close(named["moe/layer_01/expert_load"], metrics["moe/layers/expert_load"][0])
+    assert named["moe/tls"] == (named["moe/layer_01/tls"] + named["moe/layer_03/tls"]) / 2
+    assert "moe/expert_load" not in named
     with pytest.raises(ValueError):  # a stack of another model's layers
-        per_layer(metrics, [1, 3, 5])
+        named_moe_metrics(metrics, [1, 3, 5])
 
 
 @pytest.mark.parametrize("router", ["topk", "blockffn", "moepp"])
