@@ -17,7 +17,11 @@ from sparta.platform.console import CONSOLE_FILE, ConsoleTail, quiet_driver
 from sparta.platform.data import Corpus, count_windows, open_corpus, prepare_corpus
 from sparta.platform.runs import CHECKPOINT_DIR_TAG, resolve
 from sparta.platform.tracking import Tracker, default_tracking_uri
-from sparta.platform.worker import DivergedError, WorkerArgs, read_outcome, train_worker
+from sparta.platform.worker import WorkerArgs, read_outcome, train_worker
+
+
+class DivergedError(RuntimeError):
+    """The run's loss or gradients stopped being finite (`worker.divergence`): its weights are lost from that step on."""
 
 
 @dataclass(frozen=True)

@@ -438,10 +438,6 @@ def read_outcome(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-class DivergedError(RuntimeError):
-    """The gradients stopped being finite: the weights are lost from that step on (raised by the driver)."""
-
-
 def divergence(step: int, values: dict[str, float]) -> str | None:
     """What went non-finite, or None. DeepSpeed runs without an overflow check (bf16 has no loss scale to
     lower; fp32 never had one), so a non-finite gradient reaches the weights. Checked at every logging and
