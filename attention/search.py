@@ -104,6 +104,7 @@ def video_candidates(grid: VideoGrid, *, block: int = 128, tile: Sequence[int] |
     return candidates
 
 
+SCORE_TIE = 1e-9  # scores this close are equal (error sums in fp64 over different kernels)
 STAT_KEYS = ("rel_mse", "cost", "density")  # what the search records of each head's choice
 
 
@@ -264,8 +265,8 @@ class PatternSearch:
             record.squared_error[index] += (out - dense).square().sum(dim=(0, 2, 3))
 
     def plan(self, lam: float | None = None) -> Plan:
-        """Per head, the candidate minimising relative MSE + lam * relative cost (`lam` defaults to the
-        search's; the scores are kept, so trying another lam costs nothing)."""
+        """Per head, the candidate minimising relative MSE + lam * relative cost, the earlier one on a tie
+        (`lam` defaults to the search's; the scores are kept, so trying another lam costs nothing)."""
         lam = self.lam if lam is None else lam
         if not self._layers:
             raise ValueError("observe: no calibration call was observed; run the model inside capture_qkv first")
@@ -273,7 +274,10 @@ class PatternSearch:
         for layer, record in sorted(self._layers.items()):
             heads = record.squared_error.shape[1]
             rel_mse = (record.squared_error * heads / record.dense_power.clamp(min=1e-30)).cpu()
-            best = (rel_mse + lam * record.cost).argmin(dim=0).tolist()
+            score = rel_mse + lam * record.cost
+            # Ties go to the earlier candidate (the simpler family): equivalent layouts, e.g. a temporal
+            # head's `temporal(0)` and all-frame `tiles`, differ only by the float noise of the error sums.
+            best = (score <= score.min(dim=0).values + SCORE_TIE).int().argmax(dim=0).tolist()
             layers[layer] = [record.candidates[best[h]][h] for h in range(heads)]
             stats[layer] = [{"rel_mse": round(float(rel_mse[best[h], h]), 6),
                              "cost": round(float(record.cost[best[h], h]), 4),
