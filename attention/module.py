@@ -149,8 +149,10 @@ class SparseAttentionCore(nn.Module):
 class SparseAttention(nn.Module):
     """Multi-head self-attention with q/k/v/out projections, optional rotary embeddings and GQA.
 
-    rotary: None, "1d" (positions 0..N-1) or "3d" (frame, row, column of `grid`; text tokens are not
-    rotated). x is [B, N, dim]; N must equal `grid.tokens` for "3d".
+    rotary: None, "1d" (positions 0..N-1, N at most `max_tokens`) or "3d" (frame, row, column of `grid`;
+    text tokens are not rotated). x is [B, N, dim]; N must equal `grid.tokens` for "3d". Either way the
+    cos/sin tables are made once, as buffers: computed in the forward, a compiled model would
+    recompute them inside every rotation kernel.
     token_order: the order of x's tokens (None: raster), e.g. a video DiT's `TileOrder`: token t is
     raster token `token_order.permutation()[t]`, and "3d" rotary rotates it by that token's
     coordinates. Build its layouts for the same order (`Pattern.build(..., token_order=)`).
@@ -162,7 +164,7 @@ class SparseAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, rotary: str | None = None,
-                 grid: VideoGrid | None = None, rotary_base: float = 10000.0,
+                 grid: VideoGrid | None = None, max_tokens: int | None = None, rotary_base: float = 10000.0,
                  layout: BlockLayout | LayoutProvider | None = None, layer: int = 0, backend: str = "triton",
                  bias: bool = False, sequence_group: dist.ProcessGroup | None = None,
                  token_order: TokenOrder | None = None):
@@ -179,12 +181,14 @@ class SparseAttention(nn.Module):
             raise ValueError(f"rotary: needs an even head dim, got {head_dim}")
         if rotary == "3d" and grid is None:
             raise ValueError("grid: rotary='3d' needs the VideoGrid of the tokens")
+        if rotary == "1d" and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ValueError(f"max_tokens: rotary='1d' needs the longest sequence (a positive int), got {max_tokens!r}")
         ranks = 1 if sequence_group is None else dist.get_world_size(sequence_group)
         if num_heads % ranks or num_kv_heads % ranks:
             raise ValueError(f"sequence_group: its {ranks} ranks split the heads, so num_heads={num_heads} and "
                              f"num_kv_heads={num_kv_heads} must be multiples of {ranks}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.rotary, self.grid, self.rotary_base, self.token_order = rotary, grid, rotary_base, token_order
+        self.rotary, self.grid, self.token_order = rotary, grid, token_order
         self.sequence_group = sequence_group if ranks > 1 else None
         self.qkv = nn.Linear(dim, (num_heads + 2 * num_kv_heads) * head_dim, bias=bias)
         self.out = nn.Linear(num_heads * head_dim, dim, bias=bias)
@@ -193,10 +197,13 @@ class SparseAttention(nn.Module):
             first = dist.get_rank(sequence_group) * num_heads // ranks
             heads = range(first, first + num_heads // ranks)
         self.core = SparseAttentionCore(layout, layer=layer, backend=backend, heads=heads)
-        if rotary == "3d":  # fixed by the grid: computed once (buffers follow the model's device and dtype)
+        if rotary == "1d":
+            angles = rotary_angles_1d(max_tokens, head_dim, rotary_base)
+        elif rotary == "3d":
             angles = rotary_angles_3d(grid, head_dim, rotary_base)
             if token_order is not None:
                 angles = angles[token_order.permutation()]
+        if rotary is not None:  # buffers follow the model's device and dtype
             self.register_buffer("rotary_cos", angles.cos(), persistent=False)
             self.register_buffer("rotary_sin", angles.sin(), persistent=False)
 
@@ -206,42 +213,37 @@ class SparseAttention(nn.Module):
         batch, tokens, _ = x.shape
         group = self.sequence_group
         ranks = 1 if group is None else dist.get_world_size(group)
+        shards = "" if ranks == 1 else f" on each of {ranks} sequence-parallel ranks"
         if self.rotary == "3d" and tokens * ranks != self.grid.tokens:
-            shards = "" if ranks == 1 else f" on each of {ranks} sequence-parallel ranks"
             raise ValueError(f"x: {tokens} tokens{shards}, the grid {self.grid} has {self.grid.tokens}")
+        if self.rotary == "1d" and tokens * ranks > self.rotary_cos.shape[0]:
+            raise ValueError(f"x: {tokens} tokens{shards}, more than max_tokens={self.rotary_cos.shape[0]}")
         q, k, v = self.qkv(x).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim], dim=-1)
         q, k, v = (t.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for t in (q, k, v))
         if group is not None:
             q, k, v = (sequence_to_heads(t, group) for t in (q, k, v))
         if self.rotary is not None:  # after the all-to-all every rank holds whole sequences: global positions
-            cos, sin = self._rotary_tables(q.shape[-2], x.device)
+            cos, sin = self.rotary_cos[:q.shape[-2]], self.rotary_sin[:q.shape[-2]]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = self.core(q, k, v)
         if group is not None:
             out = heads_to_sequence(out, group)
         return self.out(out.transpose(1, 2).reshape(batch, tokens, -1))
 
-    def _rotary_tables(self, tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.rotary == "3d":
-            return self.rotary_cos, self.rotary_sin
-        angles = rotary_angles_1d(tokens, self.head_dim, self.rotary_base, device)
-        return angles.cos(), angles.sin()
-
-
-def rotary_angles_1d(tokens: int, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+def rotary_angles_1d(tokens: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
     """Rotation angles fp32 [tokens, head_dim / 2]: position * base^(-2i / head_dim)."""
-    return torch.arange(tokens, device=device, dtype=torch.float32)[:, None] * _frequencies(head_dim // 2, base, device)
+    return torch.arange(tokens, dtype=torch.float32)[:, None] * _frequencies(head_dim // 2, base)
 
 
-def rotary_angles_3d(grid: VideoGrid, head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
+def rotary_angles_3d(grid: VideoGrid, head_dim: int, base: float = 10000.0) -> torch.Tensor:
     """Angles fp32 [grid.tokens, head_dim / 2]: the pairs split between frame, row and column
     (1/4, 3/8, 3/8 of them, as in video DiTs), each rotated by its own coordinate; text gets 0."""
     pairs = head_dim // 2
     row_pairs = column_pairs = 3 * pairs // 8
     frame_pairs = pairs - row_pairs - column_pairs
-    angles = [coordinate.float()[:, None] * _frequencies(count, base, device)
-              for coordinate, count in zip(grid.coords(device), (frame_pairs, row_pairs, column_pairs))]
+    angles = [coordinate.float()[:, None] * _frequencies(count, base)
+              for coordinate, count in zip(grid.coords(), (frame_pairs, row_pairs, column_pairs))]
     video = torch.cat(angles, dim=-1)
     return torch.cat([video.new_zeros(grid.text, pairs), video])
 
@@ -254,8 +256,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
-def _frequencies(count: int, base: float, device) -> torch.Tensor:
-    return base ** (-torch.arange(count, device=device, dtype=torch.float32) / max(count, 1))
+def _frequencies(count: int, base: float) -> torch.Tensor:
+    return base ** (-torch.arange(count, dtype=torch.float32) / max(count, 1))
 
 
 def _check_qkv(q, k, v) -> None:

@@ -47,7 +47,8 @@ def measure(args) -> None:
     meta, ms = harness.metadata("scale"), {}
     for impl, group in (("no group", None), ("one-rank group", dist.new_group([0]))):
         torch.manual_seed(1)
-        layer = SparseAttention(args.dim, args.heads, rotary="1d", sequence_group=group).to("cuda", torch.bfloat16)
+        layer = SparseAttention(args.dim, args.heads, rotary="1d", max_tokens=args.tokens, sequence_group=group)
+        layer = layer.to("cuda", torch.bfloat16)
 
         def step():
             x.grad = None

@@ -70,8 +70,8 @@ class DiffusionLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size + 1, cfg.d_model)  # + [MASK]
         self.blocks = nn.ModuleList(
             Block(cfg, layer, ep_group, SparseAttention(cfg.d_model, cfg.n_heads, num_kv_heads=cfg.n_kv_heads,
-                                                        rotary="1d", rotary_base=cfg.rope_theta, layer=layer,
-                                                        sequence_group=sp_group))
+                                                        rotary="1d", max_tokens=cfg.max_seq_len,
+                                                        rotary_base=cfg.rope_theta, layer=layer, sequence_group=sp_group))
             for layer in range(cfg.n_layers))
         self.moe_layers = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)

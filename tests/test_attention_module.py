@@ -164,13 +164,22 @@ def test_rotary_3d_is_relative_in_each_axis_and_leaves_text_alone():
     assert not torch.allclose(rq[token(0, 0, 0)] @ rk[token(0, 0, 1)], rq[token(0, 0, 0)] @ rk[token(0, 1, 0)])
 
 
+def test_rotary_1d_tables_are_made_once_and_left_out_of_checkpoints():
+    """Made in the forward, a compiled model would recompute cos/sin inside every rotation kernel."""
+    module = SparseAttention(32, 2, rotary="1d", max_tokens=24, backend="dense")
+    angles = rotary_angles_1d(24, 16)
+    assert torch.equal(module.rotary_cos, angles.cos()) and torch.equal(module.rotary_sin, angles.sin())
+    assert not any("rotary" in key for key in module.state_dict())
+
+
 @pytest.mark.parametrize("rotary, kv_heads", [(None, 4), ("1d", 2), ("3d", 1)])
 def test_module_with_a_full_layout_equals_the_dense_backend(rotary, kv_heads):
     grid = VideoGrid(2, 3, 4, text=3)  # 27 tokens
     torch.manual_seed(0)
-    sparse = SparseAttention(64, 4, num_kv_heads=kv_heads, rotary=rotary, grid=grid,
-                             layout=BlockLayout.full(4, grid.tokens, block_q=16, block_k=16), backend="reference")
-    dense = SparseAttention(64, 4, num_kv_heads=kv_heads, rotary=rotary, grid=grid, backend="dense")
+    shape = dict(num_kv_heads=kv_heads, rotary=rotary, grid=grid, max_tokens=grid.tokens + 5)  # 1d: tables sliced
+    sparse = SparseAttention(64, 4, **shape, layout=BlockLayout.full(4, grid.tokens, block_q=16, block_k=16),
+                             backend="reference")
+    dense = SparseAttention(64, 4, **shape, backend="dense")
     dense.load_state_dict(sparse.state_dict())
     x = torch.randn(2, grid.tokens, 64)
     out = sparse(x)
@@ -201,6 +210,8 @@ def test_module_runs_each_provider():
     (lambda: SparseAttention(32, 4, num_kv_heads=3), "num_kv_heads"),
     (lambda: SparseAttention(32, 4, rotary="2d"), "rotary"),
     (lambda: SparseAttention(32, 4, rotary="3d"), "grid"),
+    (lambda: SparseAttention(32, 4, rotary="1d"), "max_tokens"),
+    (lambda: SparseAttention(32, 4, rotary="1d", max_tokens=8)(torch.randn(1, 9, 32)), "x: 9 tokens, more than max_tokens=8"),
     (lambda: SparseAttention(32, 4, backend="flash"), "backend"),
     (lambda: SparseAttention(32, 4, layout="diagonal"), "layout"),
     (lambda: SparseAttention(32, 4)(torch.randn(4, 32)), "x"),

@@ -49,16 +49,17 @@ def _plan() -> Plan:
     return Plan(GRID, BLOCK, {0: patterns})
 
 
+ROTARY_1D = dict(rotary="1d", max_tokens=GRID.tokens)
 # name -> (SparseAttention keywords, a new layout provider for each module); heads and kv heads divide by 4.
 CASES = {
     "dense": (dict(num_heads=4, backend="dense"), lambda: None),
-    "rotary-1d": (dict(num_heads=4, rotary="1d"), lambda: None),
+    "rotary-1d": (dict(num_heads=4, **ROTARY_1D), lambda: None),
     "rotary-3d": (dict(num_heads=4, rotary="3d", grid=GRID), lambda: None),
-    "gqa": (dict(num_heads=8, num_kv_heads=4, rotary="1d"), lambda: None),
-    "block-layout": (dict(num_heads=4, rotary="1d", backend="reference"), lambda: _block_layout(4, seed=1)),
+    "gqa": (dict(num_heads=8, num_kv_heads=4, **ROTARY_1D), lambda: None),
+    "block-layout": (dict(num_heads=4, **ROTARY_1D, backend="reference"), lambda: _block_layout(4, seed=1)),
     "gqa-block-layout": (dict(num_heads=8, num_kv_heads=4, backend="reference"), lambda: _block_layout(8, seed=2)),
     "plan": (dict(num_heads=4, rotary="3d", grid=GRID, backend="reference"), _plan),
-    "sparsed": (dict(num_heads=4, rotary="1d", backend="reference"),
+    "sparsed": (dict(num_heads=4, **ROTARY_1D, backend="reference"),
                 lambda: SparseDSchedule(2, skip_ratio=0.5, keep_ratio=0.5, block=BLOCK, prompt_len=12)),
     "dynamic": (dict(num_heads=8, num_kv_heads=4, backend="reference"),
                 lambda: DynamicBlockSelection(topk=2, block=BLOCK)),
