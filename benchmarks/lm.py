@@ -49,11 +49,10 @@ def speed_record(name: str, run: dict) -> dict:
 
 def quality_record(name: str, run: dict, tokens: int) -> dict:
     m = run["metrics"]
-    zc = sum(m.get(key, 0.0) for key in ZERO_COMPUTATION_KEYS)
     return {"case": f"lm-{name}-python_source", "impl": "sparta", "val_loss": round(m["val/loss"], 4),
             "tokens": tokens, "tls": round(m["moe/tls"], 4), "cls8": round(m["moe/cls8"], 4),
             "ffn_experts_per_token": round(m["moe/ffn_experts_per_token"], 3),
-            **({"zc_slot_fraction": round(zc, 4)} if name == "moepp" else {}),
+            **(zc_slot_fraction(run) if name == "moepp" else {}),
             "top_k": int(run["params"]["moe.top_k"]) if name != "blockffn" else None,
             "mlflow_run": run["run_id"]}
 
@@ -111,7 +110,10 @@ def main():
         if name == "blockffn":  # the other two use as many experts per token as BlockFFN measured
             experts = int(run["params"]["moe.num_experts"])
             top_k = [f"moe.top_k={max(1, round(experts * (1 - run['metrics']['moe/tls'])))}"]
-        record("train", speed_record(name, run))
+        speed = speed_record(name, run)
+        if name == "moepp" and "topk" in runs:
+            speed.update(zc_slot_fraction(run), speedup_vs_topk=vs_topk(run, runs["topk"])["speedup_vs_topk"])
+        record("train", speed)
         if args.compile:
             record_compiled(name, run, f"experiment=lm_{name}", *steps, *top_k)
         p = run["params"]
@@ -124,6 +126,11 @@ def main():
             record("quality", {"case": "lm-blockffn-vs-topk-python_source", "impl": "sparta",
                                "val_loss": round(runs["blockffn"]["metrics"]["val/loss"], 4),
                                "topk_val_loss": round(run["metrics"]["val/loss"], 4), **vs_topk(runs["blockffn"], run)})
+
+
+def zc_slot_fraction(run: dict) -> dict:
+    """The share of the MoE++ LM's token-expert slots on zero-computation experts, at the end of the run."""
+    return {"zc_slot_fraction": round(sum(run["metrics"].get(key, 0.0) for key in ZERO_COMPUTATION_KEYS), 4)}
 
 
 def recompiles_after_warmup(run: dict) -> dict:
