@@ -72,6 +72,7 @@ def test_cuda_graphs_train_the_losses_of_the_compiled_moe_lm(tmp_path):
             assert graphed[step] == [pytest.approx(plain[step][0], rel=1e-2)], (key, step)
     # Later the two runs drift apart (the training loss by 1.3% at step 25 on an H100, after the LR peak at
     # step 10), as bf16 runs that differ in atomics' order do: the graphed run must end as good.
+    plain, graphed = history(client, plain_id, "val/loss"), history(client, graphed_id, "val/loss")
     assert graphed[40] == [pytest.approx(plain[40][0], rel=2e-2)]
     graphs = history(client, graphed_id, "train/compiled_graphs")
     assert graphs[20] == graphs[40], graphs
