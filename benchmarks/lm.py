@@ -110,18 +110,16 @@ def main():
         if name == "blockffn":  # the other two use as many experts per token as BlockFFN measured
             experts = int(run["params"]["moe.num_experts"])
             top_k = [f"moe.top_k={max(1, round(experts * (1 - run['metrics']['moe/tls'])))}"]
+        versus_topk = vs_topk(run, runs["topk"]) if name != "topk" and "topk" in runs else {}
         speed = speed_record(name, run)
-        if name == "moepp" and "topk" in runs:
-            speed.update(zc_slot_fraction(run), speedup_vs_topk=vs_topk(run, runs["topk"])["speedup_vs_topk"])
+        if name == "moepp" and versus_topk:
+            speed.update(zc_slot_fraction(run), speedup_vs_topk=versus_topk["speedup_vs_topk"])
         record("train", speed)
         if args.compile:
             record_compiled(name, run, f"experiment=lm_{name}", *steps, *top_k)
         p = run["params"]
         tokens = int(p["trainer.max_steps"]) * int(p["deepspeed.micro_batch_size"]) * int(p["data.seq_len"])
-        quality = quality_record(name, run, tokens)
-        if name != "topk" and "topk" in runs:
-            quality.update(vs_topk(run, runs["topk"]))
-        record("quality", quality)
+        record("quality", {**quality_record(name, run, tokens), **versus_topk})
         if name == "topk" and "blockffn" in runs:  # BlockFFN ran first: its comparison comes now
             record("quality", {"case": "lm-blockffn-vs-topk-python_source", "impl": "sparta",
                                "val_loss": round(runs["blockffn"]["metrics"]["val/loss"], 4),
