@@ -32,24 +32,52 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 _CHECKPOINT_NAME = re.compile(r"checkpoint_\d{8}")
 
 
-def gather(engine, model: nn.Module, ep_group, state: dict) -> "Snapshot":
-    """The whole model and optimizer state, on the CPU, gathered by every rank (collectives): rank 0's
-    snapshot is the one to write. What training does next cannot change it."""
+def gather(engine, model: nn.Module, ep_group, state: dict, host: "HostBuffers | None") -> "Snapshot | None":
+    """The whole model and optimizer state, gathered by every rank (collectives) and copied into `host`'s
+    CPU tensors on the rank that writes it; the others pass None and get None. What training does next
+    cannot change the snapshot."""
     weights, moments = {}, {}
+
+    def keep(into: dict, name: str, tensor: torch.Tensor) -> None:
+        if host is not None:
+            into[name] = host.copy(name, tensor)
+
     experts = {name for name, _ in expert_parameters(model)}
     optimizer = _link_moments(engine)
     for name, param in model.named_parameters():
         gather_ = (lambda t: gather_experts(t, ep_group)) if name in experts else (lambda t: t)
-        weights[name] = gather_(_full_fp32(param)).cpu()
+        keep(weights, name, gather_(_full_fp32(param)))
         for key in MOMENTS:
             moment = _full_moment(param, key, optimizer)
             if moment is not None:
-                moments[f"{name}::{key}"] = gather_(moment).cpu()
-    weights.update({name: buffer.detach().float().cpu() for name, buffer in _persistent_buffers(model)})
+                keep(moments, f"{name}::{key}", gather_(moment))
+    for name, buffer in _persistent_buffers(model):
+        keep(weights, name, buffer.detach().float())
+    if host is None:
+        return None
     adam_steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
     state = {**state, "adam_step": adam_steps[0] if adam_steps else 0.0,
              "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler else None}
     return Snapshot(weights, moments, state)
+
+
+class HostBuffers:
+    """The CPU tensors that snapshots are copied into: made at the first checkpoint, refilled at every later one.
+
+    Pinned when the tensors come from a GPU: copying into pageable memory ran at ~1.6 GB/s on an H100
+    host (3.8 s of paused training for the 5.9 GB of fp32 weights and moments of a 0.49B-parameter MoE
+    LM); into pinned memory the copy runs at the bus's speed. Always a copy, also of CPU tensors: the
+    snapshot must not alias weights and moments that training changes while it is being written.
+    """
+
+    def __init__(self):
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def copy(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        held = self._tensors.get(name)
+        if held is None or held.shape != tensor.shape or held.dtype != tensor.dtype:
+            held = self._tensors[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        return held.copy_(tensor)
 
 
 @dataclass
@@ -69,7 +97,7 @@ class Snapshot:
 
 def save(engine, model: nn.Module, ep_group, directory: Path | None, state: dict) -> None:
     """Gather on every rank, write on the one passing a `directory` (synchronously)."""
-    snapshot = gather(engine, model, ep_group, state)
+    snapshot = gather(engine, model, ep_group, state, HostBuffers() if directory is not None else None)
     if directory is not None:
         snapshot.write(Path(directory))
 
@@ -105,6 +133,12 @@ class CheckpointWriter:
         self.run_dir, self.keep = Path(run_dir), keep
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparta-checkpoint")
         self._pending = None
+        self._host = HostBuffers()
+
+    def host_buffers(self) -> HostBuffers:
+        """Where to gather the next snapshot: the buffers of the previous one, once it is on disk."""
+        self.wait()
+        return self._host
 
     def submit(self, snapshot: Snapshot, step: int) -> None:
         self.wait()

@@ -197,7 +197,8 @@ def train(args: WorkerArgs) -> None:
                 break
         if step % trainer.eval_every == 0 or step == trainer.max_steps:
             eval_start = time.perf_counter()
-            metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device, cuda_graphs)
+            with record_function("sparta/evaluate"):
+                metrics["val/loss"] = evaluate(engine, val_batches, trainer.eval_batches, device, cuda_graphs)
             if trainer.compile and not evaluated and progress:  # the first one compiled the eval graph
                 metrics["val/compile_s"] = time.perf_counter() - eval_start
                 progress.discount(metrics["val/compile_s"])
@@ -218,9 +219,10 @@ def train(args: WorkerArgs) -> None:
             if diverged:
                 break
             paused = time.perf_counter()
-            save_checkpoint(engine, model, ep_group, writer,
-                            {"step": step, **run_record, "expert_load": expert_loads.state(),
-                             "chunk_sparsity_schedule": schedule.state_dict() if schedule else None})
+            with record_function("sparta/checkpoint"):
+                save_checkpoint(engine, model, ep_group, writer,
+                                {"step": step, **run_record, "expert_load": expert_loads.state(),
+                                 "chunk_sparsity_schedule": schedule.state_dict() if schedule else None})
             if tracker:  # what the checkpoint cost the training loop (the files are written meanwhile)
                 tracker.log_metrics({"train/checkpoint_pause_s": time.perf_counter() - paused}, step)
         writing = time.perf_counter()
@@ -403,7 +405,7 @@ def evaluate(engine, batches: TokenBatches | VideoBatches, max_batches: int, dev
 def save_checkpoint(engine, model, ep_group, writer: checkpoint.CheckpointWriter | None, state: dict) -> None:
     """Every rank helps gather the whole model and optimizer state onto rank 0's CPU (the only pause of
     training); rank 0's `writer` (None elsewhere) writes it in the background."""
-    snapshot = checkpoint.gather(engine, model, ep_group, state)
+    snapshot = checkpoint.gather(engine, model, ep_group, state, writer.host_buffers() if writer else None)
     if writer is not None:
         writer.submit(snapshot, state["step"])
 

@@ -112,15 +112,41 @@ def test_a_checkpoint_cut_off_mid_write_is_never_loaded_and_only_keep_stay(tmp_p
     engine, model = engine_for(2)
     writer = checkpoint.CheckpointWriter(tmp_path, keep=2)
     for step in (10, 20):
-        writer.submit(checkpoint.gather(engine, model, None, {"step": step}), step)
+        writer.submit(checkpoint.gather(engine, model, None, {"step": step}, writer.host_buffers()), step)
     writer.wait()
     cut_off = tmp_path / "checkpoint_00000030.partial-4242"  # a writer killed after its first file
     cut_off.mkdir()
     (cut_off / checkpoint.MODEL_FILE).write_bytes(b"\0" * 64)
     assert checkpoint.latest(tmp_path).name == "checkpoint_00000020"
 
-    writer.submit(checkpoint.gather(engine, model, None, {"step": 40}), 40)
+    writer.submit(checkpoint.gather(engine, model, None, {"step": 40}, writer.host_buffers()), 40)
     writer.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_00000020", "checkpoint_00000040"]
     resumed, resumed_model = engine_for(2, seed=1)
     assert checkpoint.load(resumed, resumed_model, None, checkpoint.latest(tmp_path))["step"] == 40
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_snapshot_keeps_the_step_it_was_taken_at_while_training_goes_on(tmp_path, zero_stage):
+    """The writer writes in the background while training changes the weights and moments in place.
+    Under ZeRO-0 on the CPU they are the optimizer's own tensors: the snapshot must be a copy, so the
+    checkpoint of step 2 holds step 2's state, and the next snapshot refills the same buffers only after
+    the previous one is written."""
+    from safetensors.torch import load_file
+
+    engine, model = engine_for(zero_stage)
+    writer = checkpoint.CheckpointWriter(tmp_path, keep=2)
+    train_steps(engine, range(2))
+    snapshot = checkpoint.gather(engine, model, None, {"step": 2}, writer.host_buffers())
+    at_step_2 = {name: value.clone() for name, value in snapshot.weights.items()}
+    train_steps(engine, range(2, 4))
+    writer.submit(snapshot, 2)
+    writer.submit(checkpoint.gather(engine, model, None, {"step": 4}, writer.host_buffers()), 4)
+    writer.wait()
+
+    written_2 = load_file(checkpoint.checkpoint_dir(tmp_path, 2) / checkpoint.MODEL_FILE)
+    written_4 = load_file(checkpoint.checkpoint_dir(tmp_path, 4) / checkpoint.MODEL_FILE)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(written_2[name], at_step_2[name], rtol=0, atol=0)
+        torch.testing.assert_close(written_4[name], param.detach().float(), rtol=0, atol=0)
+    assert any(not torch.equal(written_2[name], written_4[name]) for name in written_2)

@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def swept_store(tmp_path_factory) -> Path:
-    """A Hydra sweep over ZeRO-1 and ZeRO-2: two complete training runs in one MLflow store, steps 17-18 profiled."""
+    """A Hydra sweep over ZeRO-1 and ZeRO-2: two complete training runs in one MLflow store, steps 19-20 profiled
+    (step 20 evaluates and checkpoints)."""
     root = tmp_path_factory.mktemp("sweep")
-    train(root, "deepspeed=zero1,zero2", "trainer.profile_steps=[17,18]", multirun=True)
+    train(root, "deepspeed=zero1,zero2", "trainer.profile_steps=[19,20]", multirun=True)
     return root
 
 
@@ -45,16 +46,16 @@ def test_sweep_trains_zero1_and_zero2_and_records_everything(swept_store, tmp_pa
             assert sorted(history(client, run.info.run_id, key)) == [5, 10, 15, 20, 25, 30], key
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.yaml", "loss_curve.png", "profile"}
         assert {a.path for a in client.list_artifacts(run.info.run_id, "profile")} == {
-            "profile/steps_17-18.txt", "profile/trace_17-18.json"}
+            "profile/steps_19-20.txt", "profile/trace_19-20.json"}
         profile = Path(client.download_artifacts(run.info.run_id, "profile", str(tmp_path / name)))
-        tables = (profile / "steps_17-18.txt").read_text()
+        tables = (profile / "steps_19-20.txt").read_text()
         assert "By host time:" in tables and "aten::mm" in tables and "By device time:" not in tables  # CPU workers
         phases = dict(line.split() for line in tables.split("ms per step):\n")[1].split("\n\n")[0].splitlines())
-        assert set(phases) == {"batch", "forward", "backward", "optimizer", "metrics"}, tables
+        assert set(phases) == {"batch", "forward", "backward", "optimizer", "metrics", "evaluate", "checkpoint"}, tables
         assert float(phases["backward"]) > float(phases["metrics"]) > 0, phases
-        assert json.loads((profile / "trace_17-18.json").read_text())["traceEvents"]
+        assert json.loads((profile / "trace_19-20.json").read_text())["traceEvents"]
         step_ms = history(client, run.info.run_id, "profile/step_ms")
-        assert sorted(step_ms) == [18] and step_ms[18][0] > 0 and "profile/gpu_busy" not in run.data.metrics
+        assert sorted(step_ms) == [20] and step_ms[20][0] > 0 and "profile/gpu_busy" not in run.data.metrics
         pauses = [m.value for m in client.get_metric_history(run.info.run_id, "train/checkpoint_pause_s")]
         assert len(pauses) == 3 and max(pauses) < 1.0, pauses  # the files are written in the background
         speed = history(client, run.info.run_id, "train/tokens_per_s")  # steps 11-15 and 21-25 hold a checkpoint
