@@ -90,3 +90,14 @@ def test_prefetched_token_batches_arrive_pinned_and_copy_without_blocking():
         on_gpu = inputs.to("cuda", non_blocking=True), targets.to("cuda", non_blocking=True)
         for got, expected in zip(on_gpu, plain.get(index)):
             assert torch.equal(got.cpu(), expected)
+
+
+def test_checkpoint_snapshots_land_in_pinned_buffers_reused_at_every_checkpoint():
+    """A snapshot of GPU tensors is copied into pinned CPU memory (bus-speed copies), the same buffers each time."""
+    from sparta.platform.checkpoint import HostBuffers
+
+    host = HostBuffers()
+    first = host.copy("w", torch.arange(1000.0, device="cuda"))
+    assert first.is_pinned() and torch.equal(first, torch.arange(1000.0))
+    again = host.copy("w", torch.ones(1000, device="cuda"))
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, torch.ones(1000))
