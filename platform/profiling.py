@@ -1,14 +1,13 @@
 """`trainer.profile_steps=[FIRST,LAST]`: where the optimizer steps of a real training run go.
 
-Rank 0 runs torch's profiler over steps FIRST..LAST (CPU ops, and CUDA kernels on a GPU), the
-whole loop body: data, forward, backward, DeepSpeed's step, metrics, logging, and the evaluation and
+Rank 0 runs torch's profiler over steps FIRST..LAST (CPU ops, and CUDA kernels on a GPU), the whole
+loop body: data, forward, backward, DeepSpeed's step, metrics, logging, and the evaluation and
 checkpoint of a step that has them. The run gets `profile/steps_FIRST-LAST.txt` (the top ops by
-device time and by host time), the Chrome trace `profile/trace_FIRST-LAST.json` (chrome://tracing
-or ui.perfetto.dev) and the metrics
-`profile/step_ms` and, on a GPU, `profile/gpu_busy`: the share of the wall time in which a kernel
-ran. Below 1, the host paces the steps (Python, launches, synchronisations), not the GPU. The loop
-names its phases (`sparta/forward`, `sparta/backward`, `sparta/optimizer`, ...) and the table lists
-the host time each one takes.
+device time and by host time), the Chrome trace `profile/trace_FIRST-LAST.json` (chrome://tracing or
+ui.perfetto.dev) and the metrics `profile/step_ms` and, on a GPU, `profile/gpu_busy`: the share of
+the wall time in which a kernel ran. Below 1, the host paces the steps (Python, launches,
+synchronisations), not the GPU. The loop names its phases (`sparta/forward`, `sparta/backward`,
+`sparta/optimizer`, ...) and the table lists the host time each one takes.
 """
 import time
 from pathlib import Path
